@@ -1,0 +1,94 @@
+"""Moving tokens to expert buffers and back: two fast index paths and the einsum reference.
+
+Shape legend: T tokens, D width, E experts, C slots per expert (all groups), A assignments,
+N kept assignments, G groups, S tokens per group.
+
+- ``static``: scatter token ids into fixed ``(E, C)`` buffers, gather rows, one batched matmul,
+  gather back with ``index_add_``. No ``.item()`` / ``nonzero``: shapes depend only on the config,
+  so it suits GPUs, CUDA graphs, ``torch.compile(fullgraph=True)`` and all-to-all exchange.
+- ``compact``: keep only the kept assignments, sort them by expert and run one GEMM per expert on
+  contiguous rows. Reading the per-expert counts syncs with the host, which costs nothing on CPU,
+  and empty slots cost no FLOPs, so compute follows capacity.
+- ``einsum_dispatch``: the dense ``(G, S, E, C)`` reference the tests compare against.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from visionmoe.layers.experts import Experts
+from visionmoe.routing.plan import RoutingPlan
+
+DISPATCH_MODES = ("auto", "static", "compact")
+
+
+def resolve_dispatch(mode: str, x: Tensor) -> str:
+    """``auto`` picks ``static`` on accelerators and under ``torch.compile``, else ``compact``."""
+    if mode != "auto":
+        return mode
+    if x.device.type != "cpu" or torch.compiler.is_compiling():
+        return "static"
+    return "compact"
+
+
+def dispatch_static(x_TD: Tensor, plan: RoutingPlan, experts: Experts) -> Tensor:
+    E, C, T = plan.num_experts, plan.capacity, plan.num_tokens
+    buffer_A = plan.buffer_idx
+    # Dropped assignments write to a spare row E*C that is never read.
+    target_A = torch.where(plan.keep, buffer_A, torch.full_like(buffer_A, E * C))
+    # Empty slots point at a zero row appended after the T real tokens.
+    row_of_slot = torch.full((E * C + 1,), T, dtype=torch.long, device=x_TD.device)
+    row_of_slot = row_of_slot.scatter(0, target_A, plan.token_idx)[: E * C]
+    x_padded = torch.cat([x_TD, x_TD.new_zeros(1, x_TD.shape[-1])])
+    out_ECD = experts(x_padded.index_select(0, row_of_slot).view(E, C, -1))
+    out_AD = out_ECD.reshape(E * C, -1).index_select(0, buffer_A)
+    weighted = out_AD * plan.weight.to(out_AD.dtype).unsqueeze(-1)
+    return x_TD.new_zeros(T, x_TD.shape[-1]).index_add_(0, plan.token_idx, weighted.to(x_TD.dtype))
+
+
+def dispatch_compact(x_TD: Tensor, plan: RoutingPlan, experts: Experts) -> Tensor:
+    kept_N = plan.keep.nonzero().squeeze(1)
+    expert_N = plan.expert_idx.index_select(0, kept_N)
+    expert_N, order = torch.sort(expert_N, stable=True)
+    kept_N = kept_N.index_select(0, order)
+    counts = torch.bincount(expert_N, minlength=plan.num_experts).tolist()
+    token_N = plan.token_idx.index_select(0, kept_N)
+    out_ND = experts.forward_chunks(x_TD.index_select(0, token_N), counts)
+    weighted = out_ND * plan.weight.index_select(0, kept_N).to(out_ND.dtype).unsqueeze(-1)
+    y_TD = x_TD.new_zeros(plan.num_tokens, x_TD.shape[-1])
+    return y_TD.index_add_(0, token_N, weighted.to(x_TD.dtype))
+
+
+def dispatch(x_TD: Tensor, plan: RoutingPlan, experts: Experts, mode: str = "auto") -> Tensor:
+    """Run ``experts`` on the assignments of ``plan``; tokens with no kept assignment get 0."""
+    if resolve_dispatch(mode, x_TD) == "static":
+        return dispatch_static(x_TD, plan, experts)
+    return dispatch_compact(x_TD, plan, experts)
+
+
+def einsum_dispatch(
+    x_GSD: Tensor, combine_GSEC: Tensor, dispatch_GSEC: Tensor, experts: Experts
+) -> Tensor:
+    """Reference MoE output from dense dispatch/combine tensors (every expert sees G*C rows)."""
+    G, S, E, C = dispatch_GSEC.shape
+    x_EGCD = torch.einsum("gsec,gsd->egcd", dispatch_GSEC.to(x_GSD.dtype), x_GSD)
+    y_EGCD = experts(x_EGCD.reshape(E, G * C, -1)).reshape(E, G, C, -1)
+    return torch.einsum("gsec,egcd->gsd", combine_GSEC.to(x_GSD.dtype), y_EGCD)
+
+
+def plan_to_dense(plan: RoutingPlan, num_groups: int) -> tuple[Tensor, Tensor]:
+    """``(combine_GSEC, dispatch_GSEC)`` of a plan with equal groups, for comparisons in tests."""
+    G = num_groups
+    S, C = plan.num_tokens // G, plan.capacity // G
+    dense = torch.zeros(G * S, plan.num_experts, C, dtype=torch.float64, device=plan.weight.device)
+    keep = plan.keep
+    group = plan.token_idx[keep] // S
+    local_slot = plan.slot_idx[keep] - group * C
+    index = (plan.token_idx[keep], plan.expert_idx[keep], local_slot)
+    combine = dense.index_put(index, plan.weight[keep].double(), accumulate=True)
+    dispatch_ = dense.index_put(
+        index, torch.ones_like(local_slot, dtype=torch.float64), accumulate=True
+    )
+    shape = (G, S, plan.num_experts, C)
+    return combine.view(shape), dispatch_.view(shape)

@@ -1,0 +1,217 @@
+"""One Vision Transformer for dense and MoE models.
+
+Shape legend: B batch, C channels, H/W image size, N tokens, D width.
+
+A block's FFN is a dense :class:`Mlp` or an MoE layer, chosen by ``config.moe_layers`` (explicit
+0-indexed block ids). Blocks return ``(x, aux)``; the model sums the auxiliary losses in one place
+(:meth:`VisionTransformer.forward_features`) and keeps the last forward's :class:`ModelAux` in
+``model.last_aux``, so training code reads the loss and routing metrics without a second pass.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from visionmoe.layers.attention import Attention
+from visionmoe.layers.mlp import Mlp
+from visionmoe.layers.moe import MoEAux, SoftMoE, SparseMoE
+from visionmoe.layers.patch_embed import PatchEmbed, sincos_2d
+from visionmoe.models.config import ViTConfig
+
+
+@dataclass
+class ModelAux:
+    """Auxiliary outputs of one forward: summed aux loss and per-MoE-block results."""
+
+    loss: Tensor
+    layers: dict[int, MoEAux] = field(default_factory=dict)
+
+    def metrics(self, prefix: str = "moe") -> dict[str, float]:
+        """Scalar metrics as plain floats named ``moe/layer<i>/<name>`` (vectors skipped)."""
+        out = {}
+        for index, aux in self.layers.items():
+            for name, value in aux.metrics.items():
+                if value.numel() == 1:
+                    out[f"{prefix}/layer{index}/{name}"] = float(value)
+        return out
+
+
+def build_ffn(config: ViTConfig, index: int) -> nn.Module:
+    """The FFN of block ``index``: dense MLP, or the configured MoE layer."""
+    d, f = config.hidden_size, config.mlp_dim
+    moe = config.moe
+    if index not in config.moe_layers or moe is None:
+        return Mlp(d, f, config.gelu, config.dropout)
+    if moe.router == "soft":
+        return SoftMoE(
+            d,
+            f,
+            moe.num_experts,
+            moe.slots_per_expert,
+            config.num_tokens,
+            moe.capacity_factor,
+            moe.noise_std,
+            config.gelu,
+            moe.expert_dropout,
+            moe.expert_init,
+        )
+    if moe.group_size is not None:
+        group_size = moe.group_size
+    elif moe.group_images is not None:
+        group_size = moe.group_images * config.num_tokens
+    else:
+        group_size = None
+    router_kwargs = {
+        "noise_std": moe.noise_std,
+        "capacity_rounding": moe.capacity_rounding,
+        "capacity_multiple_of": moe.capacity_multiple_of,
+    }
+    if moe.router == "top_k":
+        router_kwargs.update(
+            bpr_score=moe.bpr_score,
+            renormalize=moe.renormalize,
+            importance_weight=moe.importance_weight,
+            load_weight=moe.load_weight,
+            gshard_weight=moe.gshard_weight,
+            z_loss_weight=moe.z_loss_weight,
+        )
+    return SparseMoE(
+        d,
+        f,
+        moe.num_experts,
+        moe.top_k,
+        moe.capacity_factor,
+        group_size,
+        moe.batch_priority,
+        moe.eval_capacity_factor,
+        moe.router,
+        moe.dispatch,
+        config.gelu,
+        moe.expert_dropout,
+        moe.expert_init,
+        **router_kwargs,
+    )
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block: ``x + MHA(LN(x))`` then ``x + FFN(LN(x))``."""
+
+    def __init__(self, config: ViTConfig, ffn: nn.Module):
+        super().__init__()
+        d, eps = config.hidden_size, config.ln_eps
+        self.norm1 = nn.LayerNorm(d, eps=eps)
+        self.attn = Attention(
+            d, config.num_heads, config.qk_norm, eps, config.attn_dropout, config.dropout
+        )
+        self.norm2 = nn.LayerNorm(d, eps=eps)
+        self.ffn = ffn
+        self.is_moe = isinstance(ffn, (SparseMoE, SoftMoE))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, MoEAux | None]:
+        x = x + self.attn(self.norm1(x))
+        if self.is_moe:
+            y, aux = self.ffn(self.norm2(x))
+            return x + y, aux
+        return x + self.ffn(self.norm2(x)), None
+
+
+class MapHead(nn.Module):
+    """Multi-head attention pooling with one learned probe, then a residual MLP."""
+
+    def __init__(self, config: ViTConfig):
+        super().__init__()
+        d = config.hidden_size
+        self.probe = nn.Parameter(torch.empty(1, 1, d))
+        nn.init.xavier_uniform_(self.probe.view(1, d))
+        self.attn = nn.MultiheadAttention(d, config.num_heads, batch_first=True)
+        self.norm = nn.LayerNorm(d, eps=config.ln_eps)
+        self.mlp = Mlp(d, config.mlp_dim, config.gelu)
+
+    def forward(self, x_BND: Tensor) -> Tensor:
+        probe = self.probe.expand(x_BND.shape[0], -1, -1).to(x_BND.dtype)
+        pooled = self.attn(probe, x_BND, x_BND, need_weights=False)[0]
+        return (pooled + self.mlp(self.norm(pooled)))[:, 0]
+
+
+class VisionTransformer(nn.Module):
+    """ViT with MoE FFNs at ``config.moe_layers``.
+
+    API: ``forward_features(x) -> (B, N, D)`` tokens after the final norm; ``forward_head(tokens,
+    pre_logits=False)`` pools and classifies; ``forward(x, return_aux=False)`` returns logits, or
+    ``(logits, ModelAux)`` with ``return_aux=True``. ``model.last_aux`` always holds the
+    :class:`ModelAux` of the latest forward (aux loss summed over MoE blocks, each already the
+    mean over its routing groups, plus per-block metrics and routing plans).
+    """
+
+    def __init__(self, config: ViTConfig):
+        super().__init__()
+        self.config = config
+        d = config.hidden_size
+        self.patch_embed = PatchEmbed(config.image_size, config.patch_size, config.in_chans, d)
+        self.num_prefix = 1 if config.classifier == "token" else 0
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, d)) if self.num_prefix else None
+        num_patches = self.patch_embed.num_patches
+        if config.posemb == "learn":
+            self.pos_embed = nn.Parameter(torch.empty(1, num_patches + self.num_prefix, d))
+            nn.init.normal_(self.pos_embed, std=0.02)
+        else:
+            fixed = sincos_2d(self.patch_embed.grid_size, d).unsqueeze(0)
+            # The class token gets no position embedding.
+            fixed = torch.cat([torch.zeros(1, self.num_prefix, d), fixed], dim=1)
+            self.register_buffer("pos_embed", fixed, persistent=False)
+        self.blocks = nn.ModuleList(
+            Block(config, build_ffn(config, i)) for i in range(config.num_layers)
+        )
+        self.norm = nn.LayerNorm(d, eps=config.ln_eps)
+        self.map_head = MapHead(config) if config.classifier == "map" else None
+        width = d
+        self.pre_logits = None
+        if config.representation_size is not None:
+            self.pre_logits = nn.Sequential(nn.Linear(d, config.representation_size), nn.Tanh())
+            width = config.representation_size
+        self.head = nn.Linear(width, config.num_classes) if config.num_classes else nn.Identity()
+        if config.num_classes:
+            nn.init.zeros_(self.head.weight)
+            bias = config.head_bias_init
+            nn.init.constant_(
+                self.head.bias, -math.log(config.num_classes) if bias is None else bias
+            )
+        self.last_aux: ModelAux | None = None
+
+    @property
+    def moe_blocks(self) -> dict[int, nn.Module]:
+        """Block index -> MoE layer."""
+        return {i: b.ffn for i, b in enumerate(self.blocks) if b.is_moe}
+
+    def forward_features(self, x_BCHW: Tensor) -> Tensor:
+        x = self.patch_embed(x_BCHW)
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
+        x = x + self.pos_embed.to(x.dtype)
+        layers: dict[int, MoEAux] = {}
+        for i, block in enumerate(self.blocks):
+            x, aux = block(x)
+            if aux is not None:
+                layers[i] = aux
+        loss = sum((a.loss for a in layers.values()), x.new_zeros((), dtype=torch.float32))
+        self.last_aux = ModelAux(loss, layers)
+        return self.norm(x)
+
+    def forward_head(self, x_BND: Tensor, pre_logits: bool = False) -> Tensor:
+        if self.config.classifier == "token":
+            x = x_BND[:, 0]
+        elif self.config.classifier == "gap":
+            x = x_BND.mean(dim=1)
+        else:
+            x = self.map_head(x_BND)
+        if self.pre_logits is not None:
+            x = self.pre_logits(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x_BCHW: Tensor, return_aux: bool = False):
+        logits = self.forward_head(self.forward_features(x_BCHW))
+        return (logits, self.last_aux) if return_aux else logits

@@ -1,0 +1,154 @@
+"""Expert Choice routing (Zhou et al., arXiv 2202.09368), as used in vision MoEs.
+
+Shape legend: T tokens, D width, E experts, G groups, S tokens per group, C capacity.
+
+Experts pick tokens instead of tokens picking experts: each expert takes the C tokens of its group
+with the largest gate for it, so every buffer is exactly full (perfect balance by construction) and
+a token may be processed by anywhere from 0 to E experts. ``C = R(S * cf / E)`` (no K factor).
+There is no auxiliary loss; the router learns through the combine weights (selected gates).
+Routing depends on every token of the group, so keep groups to one image for batch-independent
+inference.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from visionmoe.routing.capacity import compute_capacity
+from visionmoe.routing.plan import (
+    RoutingPlan,
+    concat_plans,
+    router_precision,
+    routing_metrics,
+    split_groups,
+)
+from visionmoe.routing.top_k import lecun_normal_
+
+
+def expert_choice_assign(gates_GSE: Tensor, capacity: int) -> tuple[Tensor, Tensor]:
+    """Index form: ``(token_GEC, gate_GEC)``, the tokens each expert picks and their gates."""
+    gate_GEC, token_GEC = torch.topk(gates_GSE.transpose(1, 2), capacity, dim=-1)
+    return token_GEC, gate_GEC
+
+
+def expert_choice_dispatch(gates_GSE: Tensor, capacity: int) -> tuple[Tensor, Tensor]:
+    """Dense reference form: ``(combine_GSEC, dispatch_GSEC)`` for expert-choice routing."""
+    G, S, E = gates_GSE.shape
+    token_GEC, _ = expert_choice_assign(gates_GSE, capacity)
+    dispatch_GECS = F.one_hot(token_GEC, S).to(gates_GSE.dtype)
+    dispatch_GSEC = dispatch_GECS.permute(0, 3, 1, 2)
+    return dispatch_GSEC * gates_GSE.unsqueeze(-1), dispatch_GSEC
+
+
+class ExpertChoiceRouter(nn.Module):
+    """Softmax expert-choice router with optional training noise (``sigma = noise_std / E``).
+
+    Args:
+      dim, num_experts: D and E.
+      capacity_factor / eval_capacity_factor: cf in training / eval (None: same).
+      noise_std: as for token choice; vision comparisons use 1.0.
+      capacity_rounding, capacity_multiple_of: defaults ``("round", None)`` as in the vision
+        comparisons; the capacity is clamped to the group size.
+    """
+
+    top_k = 1
+
+    def __init__(
+        self,
+        dim: int,
+        num_experts: int,
+        capacity_factor: float = 1.0,
+        eval_capacity_factor: float | None = None,
+        noise_std: float = 1.0,
+        capacity_rounding: str = "round",
+        capacity_multiple_of: int | None = None,
+    ) -> None:
+        super().__init__()
+        for name, value in (
+            ("capacity_factor", capacity_factor),
+            ("eval_capacity_factor", eval_capacity_factor),
+        ):
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be a number > 0, got {value!r}")
+        self.num_experts = num_experts
+        self.proj = nn.Linear(dim, num_experts, bias=False)
+        lecun_normal_(self.proj.weight)
+        self.capacity_factor = capacity_factor
+        self.eval_capacity_factor = eval_capacity_factor
+        self.noise_std = noise_std
+        self.capacity_rounding = capacity_rounding
+        self.capacity_multiple_of = capacity_multiple_of
+        self.batch_priority = False
+
+    @property
+    def active_capacity_factor(self) -> float:
+        if not self.training and self.eval_capacity_factor is not None:
+            return self.eval_capacity_factor
+        return self.capacity_factor
+
+    def forward(self, x_TD: Tensor, group_size: int | None = None) -> tuple[RoutingPlan, Tensor]:
+        """Route T tokens in groups of ``group_size``; returns the plan and clean gates (T, E)."""
+        with torch.autocast(device_type=x_TD.device.type, enabled=False):
+            x_TD = router_precision(x_TD)
+            logits_TE = F.linear(x_TD, self.proj.weight.to(x_TD.dtype))
+            parts, gates = [], []
+            for split in split_groups(x_TD.shape[0], group_size):
+                end = split.start + split.num_groups * split.group_size
+                logits_GSE = logits_TE[split.start : end].reshape(
+                    split.num_groups, split.group_size, self.num_experts
+                )
+                plan, clean_GSE = self._route_groups(logits_GSE)
+                parts.append(plan)
+                gates.append(clean_GSE.reshape(-1, self.num_experts))
+            plan = concat_plans(parts)
+            plan.aux_loss = logits_TE.new_zeros(())
+            gates_TE = torch.cat(gates)
+            plan.metrics = routing_metrics(plan, gates_TE)
+            with torch.no_grad():
+                per_token = torch.zeros(plan.num_tokens, device=x_TD.device).index_add_(
+                    0, plan.token_idx, plan.keep.float()
+                )
+                plan.metrics["experts_per_token_min"] = per_token.min()
+                plan.metrics["experts_per_token_max"] = per_token.max()
+        return plan, gates_TE
+
+    def _route_groups(self, logits_GSE: Tensor) -> tuple[RoutingPlan, Tensor]:
+        G, S, E = logits_GSE.shape
+        sigma = self.noise_std / E
+        noisy = self.training and sigma > 0
+        noisy_GSE = logits_GSE + sigma * torch.randn_like(logits_GSE) if noisy else logits_GSE
+        gates_GSE = torch.softmax(noisy_GSE, dim=-1)
+        capacity = min(
+            S,
+            compute_capacity(
+                S,
+                E,
+                1,
+                self.active_capacity_factor,
+                self.capacity_rounding,
+                self.capacity_multiple_of,
+            ),
+        )
+        token_GEC, gate_GEC = expert_choice_assign(gates_GSE, capacity)
+        device = logits_GSE.device
+        group_G11 = torch.arange(G, device=device).view(G, 1, 1)
+        expert_GEC = torch.arange(E, device=device).view(1, E, 1).expand(G, E, capacity)
+        slot_GEC = (group_G11 * capacity + torch.arange(capacity, device=device)).expand(
+            G, E, capacity
+        )
+        plan = RoutingPlan(
+            token_idx=(group_G11 * S + token_GEC).reshape(-1),
+            expert_idx=expert_GEC.reshape(-1),
+            slot_idx=slot_GEC.reshape(-1),
+            weight=gate_GEC.reshape(-1),
+            keep=torch.ones(G * E * capacity, dtype=torch.bool, device=device),
+            num_tokens=G * S,
+            num_experts=E,
+            capacity=G * capacity,
+            assignments_per_token=1,
+            aux_loss=logits_GSE.new_zeros(()),
+        )
+        clean_GSE = torch.softmax(logits_GSE, dim=-1) if noisy else gates_GSE
+        return plan, clean_GSE

@@ -1,0 +1,158 @@
+"""The typed result every sparse router returns, and the group bookkeeping shared by routers.
+
+Shape legend: T tokens (B*L, flattened), D width, E experts, K choices per token, G groups,
+S tokens per group, C capacity (slots per expert per group), A assignments (token, expert, slot).
+
+A :class:`RoutingPlan` is the index form of the unified router formulation: instead of dense
+``(G, S, E, C)`` dispatch/combine tensors it lists A assignments, each sending one token to one slot
+of one expert's buffer with a combine weight. Buffers are static: every expert has ``capacity``
+slots (summed over groups), so the same plan drives a fixed-shape dispatch (GPU, compile, expert
+parallelism) and a compact one that touches only kept assignments (CPU).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class RoutingPlan:
+    """Where every token goes.
+
+    Attributes:
+      token_idx: (A,) token each assignment reads (index into the flattened T tokens).
+      expert_idx: (A,) expert of each assignment.
+      slot_idx: (A,) position in that expert's buffer, in ``[0, capacity)``; groups occupy
+        consecutive ranges of slots.
+      weight: (A,) float32 combine weight; 0 where the assignment was dropped.
+      keep: (A,) bool; False where the expert's buffer was already full (dropped).
+      num_tokens: T.
+      num_experts: E.
+      capacity: slots per expert summed over groups (the static buffer length).
+      assignments_per_token: K for token choice, 1 for expert choice (sets the compute baseline).
+      aux_loss: scalar auxiliary loss (already weighted, mean over groups).
+      metrics: detached routing statistics (see :func:`routing_metrics`).
+    """
+
+    token_idx: Tensor
+    expert_idx: Tensor
+    slot_idx: Tensor
+    weight: Tensor
+    keep: Tensor
+    num_tokens: int
+    num_experts: int
+    capacity: int
+    assignments_per_token: int
+    aux_loss: Tensor
+    metrics: dict[str, Tensor] = field(default_factory=dict)
+
+    @property
+    def buffer_idx(self) -> Tensor:
+        """(A,) flat position ``expert * capacity + slot`` in an ``(E * capacity, D)`` buffer."""
+        return self.expert_idx * self.capacity + self.slot_idx
+
+
+@dataclass
+class GroupSplit:
+    """A run of ``num_groups`` equal groups of ``group_size`` tokens starting at token ``start``."""
+
+    start: int
+    num_groups: int
+    group_size: int
+
+
+def split_groups(num_tokens: int, group_size: int | None) -> list[GroupSplit]:
+    """Cut T tokens into routing groups of ``group_size`` tokens, row-major.
+
+    When T is not a multiple of ``group_size`` (say a last partial batch) the final group is
+    smaller and is routed on its own, with a capacity computed from its own size. ``None`` routes
+    all tokens as one group.
+    """
+    if group_size is None or group_size >= num_tokens:
+        return [GroupSplit(0, 1, num_tokens)]
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(
+            f"group_size must be a positive integer (tokens) or None, got {group_size!r}"
+        )
+    full, rest = divmod(num_tokens, group_size)
+    splits = [GroupSplit(0, full, group_size)]
+    if rest:
+        splits.append(GroupSplit(full * group_size, 1, rest))
+    return splits
+
+
+def concat_plans(parts: list[RoutingPlan]) -> RoutingPlan:
+    """Join plans routed on consecutive token ranges into one, offsetting tokens and slots."""
+    if len(parts) == 1:
+        return parts[0]
+    token_offset, slot_offset = 0, 0
+    tokens, slots = [], []
+    for part in parts:
+        tokens.append(part.token_idx + token_offset)
+        slots.append(part.slot_idx + slot_offset)
+        token_offset += part.num_tokens
+        slot_offset += part.capacity
+    first = parts[0]
+    return RoutingPlan(
+        token_idx=torch.cat(tokens),
+        expert_idx=torch.cat([p.expert_idx for p in parts]),
+        slot_idx=torch.cat(slots),
+        weight=torch.cat([p.weight for p in parts]),
+        keep=torch.cat([p.keep for p in parts]),
+        num_tokens=token_offset,
+        num_experts=first.num_experts,
+        capacity=slot_offset,
+        assignments_per_token=first.assignments_per_token,
+        aux_loss=first.aux_loss,  # replaced by the router, which knows the per-group values
+    )
+
+
+def router_precision(x: Tensor) -> Tensor:
+    """Cast to at least float32: routing decisions must not depend on bf16/fp16 rounding."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def routing_metrics(plan: RoutingPlan, gates_TE: Tensor) -> dict[str, Tensor]:
+    """Detached routing statistics: balance, dropping, confidence and buffer use.
+
+    Keys: ``load`` (E,) fraction of kept assignments per expert; ``importance`` (E,) mean gate per
+    expert; ``importance_cv2``, ``load_cv2``; ``dropped_frac`` tokens with no kept assignment;
+    ``assignments_dropped_frac``; ``router_entropy`` mean per-token entropy; ``marginal_entropy``
+    entropy of the mean gate; ``top1_gate``; ``capacity_used`` kept / (E * capacity);
+    ``compute_frac`` kept / (T * assignments_per_token); ``tokens_processed`` kept count.
+    """
+    with torch.no_grad():
+        gates_TE = gates_TE.float()
+        keep = plan.keep.float()
+        kept = keep.sum()
+        num_experts = plan.num_experts
+        per_expert_E = torch.zeros(num_experts, device=keep.device).index_add_(
+            0, plan.expert_idx, keep
+        )
+        per_token_T = torch.zeros(plan.num_tokens, device=keep.device).index_add_(
+            0, plan.token_idx, keep
+        )
+        load_E = per_expert_E / kept.clamp_min(1.0)
+        importance_E = gates_TE.mean(dim=0)
+        log_gates = gates_TE.clamp_min(1e-20).log()
+        entropy = -(gates_TE * log_gates).sum(-1).mean()
+        marginal = -(importance_E * importance_E.clamp_min(1e-20).log()).sum()
+        total = plan.num_tokens * plan.assignments_per_token
+        return {
+            "load": load_E,
+            "importance": importance_E,
+            "load_cv2": load_E.var(unbiased=False) / load_E.mean().pow(2).clamp_min(1e-20),
+            "importance_cv2": importance_E.var(unbiased=False)
+            / importance_E.mean().pow(2).clamp_min(1e-20),
+            "dropped_frac": (per_token_T == 0).float().mean(),
+            "assignments_dropped_frac": 1.0 - keep.mean() if keep.numel() else keep.sum(),
+            "router_entropy": entropy,
+            "marginal_entropy": marginal,
+            "top1_gate": gates_TE.max(dim=-1).values.mean(),
+            "capacity_used": kept / max(num_experts * plan.capacity, 1),
+            "compute_frac": kept / max(total, 1),
+            "tokens_processed": kept,
+        }
