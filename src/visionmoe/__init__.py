@@ -1,5 +1,14 @@
-"""visionmoe: sparse Vision Mixture-of-Experts (V-MoE, BPR, Expert Choice, Soft MoE) in PyTorch."""
+"""visionmoe: sparse Vision Mixture-of-Experts (V-MoE, BPR, Expert Choice, Soft MoE) in PyTorch.
 
+Entry points: :func:`create_model` / :func:`list_models` (model family), :func:`set_routing`
+(inference-time capacity, BPR, top-k), :func:`run_training` and the run-level evaluators, each
+the Python twin of a ``visionmoe`` command.
+"""
+
+from visionmoe.eval.classify import evaluate_run, predict_files
+from visionmoe.eval.fewshot_run import fewshot_run
+from visionmoe.eval.inspect import inspect_run
+from visionmoe.eval.sweep import sweep_run
 from visionmoe.models import (
     ModelAux,
     MoEConfig,
@@ -10,6 +19,7 @@ from visionmoe.models import (
     list_models,
     set_routing,
 )
+from visionmoe.train.run import load_run, run_training
 
 __version__ = "0.1.0"
 
@@ -19,7 +29,14 @@ __all__ = [
     "ViTConfig",
     "VisionTransformer",
     "create_model",
+    "evaluate_run",
+    "fewshot_run",
     "get_config",
+    "inspect_run",
     "list_models",
+    "load_run",
+    "predict_files",
+    "run_training",
     "set_routing",
+    "sweep_run",
 ]

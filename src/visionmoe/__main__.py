@@ -1,0 +1,3 @@
+from visionmoe.cli.main import main
+
+raise SystemExit(main())

@@ -1,0 +1,235 @@
+"""``visionmoe`` command line: a thin dispatcher to the Python API.
+
+Every subcommand maps to one function (named in its help) that does the same work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+EXAMPLES = {
+    "train": "visionmoe train\n  visionmoe train --recipe digits_vit --set train.steps=500\n"
+    "  visionmoe train --recipe fashion_mnist_vmoe --data ../shared/data/fashion_mnist.npz\n"
+    "  visionmoe train --resume runs/digits_vmoe-20261122-101500\n"
+    "  visionmoe train --recipe digits_vmoe --init runs/OTHER --set model.capacity_factor=1.5",
+    "eval": "visionmoe eval runs/digits_vmoe-... --capacity-factor 0.5 --batch-priority",
+    "sweep": "visionmoe sweep runs/digits_vmoe-... --capacity-factors 0.1 0.25 0.5 1 2 4",
+    "fewshot": "visionmoe fewshot runs/digits_vmoe-... --shots 1 5 10 25",
+    "inspect": "visionmoe inspect runs/digits_vmoe-...",
+    "predict": "visionmoe predict runs/digits_vmoe-... my_digit.png",
+    "models": "visionmoe models 'vmoe*'",
+    "recipes": "visionmoe recipes",
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="visionmoe", description="Sparse Vision Mixture-of-Experts: train, evaluate, inspect."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, help_: str, api: str) -> argparse.ArgumentParser:
+        return sub.add_parser(
+            name,
+            help=help_,
+            description=f"{help_}\n\nPython API: {api}",
+            epilog=f"example:\n  {EXAMPLES[name]}",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+
+    p = add(
+        "train",
+        "train (or resume, or fine-tune) a model from a recipe",
+        "visionmoe.train.run.run_training",
+    )
+    p.add_argument("--recipe", default="digits_vmoe", help="recipe name (see `visionmoe recipes`)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        nargs="+",
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. model.num_experts=16",
+    )
+    p.add_argument("--data", help="dataset path (shortcut for --set data.path=PATH)")
+    p.add_argument("--run-dir", help="where to write the run (default runs/<recipe>-<time>)")
+    p.add_argument("--resume", metavar="RUN", help="continue an interrupted run")
+    p.add_argument("--init", metavar="RUN_OR_CHECKPOINT", help="start from trained weights")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    p = add(
+        "eval",
+        "test accuracy and compute spent, optionally with changed routing",
+        "visionmoe.eval.classify.evaluate_run",
+    )
+    p.add_argument("run")
+    p.add_argument("--capacity-factor", type=float)
+    p.add_argument("--batch-priority", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--json", action="store_true", help="print JSON only")
+
+    p = add(
+        "sweep",
+        "accuracy vs capacity factor, vanilla routing and BPR side by side",
+        "visionmoe.eval.sweep.sweep_run",
+    )
+    p.add_argument("run")
+    p.add_argument(
+        "--capacity-factors",
+        type=float,
+        nargs="+",
+        default=[0.1, 0.25, 0.5, 0.75, 1.0, 1.25, 2.0, 4.0],
+    )
+    p.add_argument("--out", help="output directory (default RUN/sweep)")
+
+    p = add(
+        "fewshot",
+        "closed-form ridge few-shot linear probes on frozen pre-logits",
+        "visionmoe.eval.fewshot_run.fewshot_run",
+    )
+    p.add_argument("run")
+    p.add_argument("--shots", type=int, nargs="+", default=[1, 5, 10, 25])
+    p.add_argument("--dataset", help="dataset kind to probe on (default: the run's own)")
+    p.add_argument("--data", help="path of that dataset")
+    p.add_argument("--protocol", choices=["vmoe", "big_vision"], default="vmoe")
+
+    p = add(
+        "inspect",
+        "what the routers learned: loads, class x expert heatmaps, patch maps",
+        "visionmoe.eval.inspect.inspect_run",
+    )
+    p.add_argument("run")
+    p.add_argument("--out", help="output directory (default RUN/inspect)")
+    p.add_argument("--examples", type=int, default=8)
+
+    p = add("predict", "top-5 classes for image files", "visionmoe.eval.classify.predict_files")
+    p.add_argument("run")
+    p.add_argument("images", nargs="+")
+
+    p = add("models", "list registered models", "visionmoe.list_models")
+    p.add_argument("pattern", nargs="?", default="*")
+    add("recipes", "list training recipes", "configs.list_recipes")
+    return parser
+
+
+def _train(args: argparse.Namespace) -> int:
+    from configs import get_recipe
+    from visionmoe.train.config import apply_set
+    from visionmoe.train.run import run_training
+
+    overrides = [item for group in args.overrides for item in group]
+    if args.data:
+        overrides.append(f"data.path={args.data}")
+    if args.resume:
+        if overrides or args.init:
+            raise ValueError("--resume continues a run as configured; drop --set/--data/--init")
+        summary = run_training(resume=args.resume, progress=not args.no_progress)
+    else:
+        config = apply_set(get_recipe(args.recipe), overrides)
+        summary = run_training(
+            config, run_dir=args.run_dir, init=args.init, progress=not args.no_progress
+        )
+    print(f"test accuracy: {summary['test_accuracy']:.4f}")
+    print(f"run directory: {summary['run_dir']}")
+    print(f"  config.json, metrics.jsonl, summary.json, checkpoints/ ({summary['checkpoint']})")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from visionmoe.eval.classify import evaluate_run
+
+    result = evaluate_run(args.run, args.capacity_factor, args.batch_priority, args.top_k)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(
+            f"accuracy {result['accuracy']:.4f}  loss {result['loss']:.4f}  "
+            f"compute {result['compute_frac']:.3f} of token-expert assignments  "
+            f"{result['seconds']:.2f}s ({result['images_per_s']:.0f} img/s)"
+        )
+    return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from visionmoe.eval.sweep import sweep_run, sweep_table
+
+    result = sweep_run(args.run, tuple(args.capacity_factors), args.out)
+    print(sweep_table(result["rows"]), end="")
+    print("wrote " + ", ".join(result["files"]))
+    return 0
+
+
+def _fewshot(args: argparse.Namespace) -> int:
+    from visionmoe.eval.fewshot_run import fewshot_run
+
+    result = fewshot_run(args.run, tuple(args.shots), args.dataset, args.data, args.protocol)
+    for dataset, per_shot in result.accuracy.items():
+        cells = "  ".join(f"{shot}-shot {acc:.4f}" for shot, acc in per_shot.items())
+        print(f"{dataset}: {cells}")
+    lams = ", ".join(f"{s}: 2^{_log2(v)}" for s, v in result.lambda_per_shot.items())
+    print(f"protocol {result.protocol}; ridge lambda per shot {lams}")
+    return 0
+
+
+def _log2(value: float) -> str:
+    import math
+
+    return f"{math.log2(value):g}"
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from visionmoe.eval.inspect import inspect_run
+
+    report = inspect_run(args.run, args.out, num_examples=args.examples)
+    print(f"wrote {report} (and PNG figures in {Path(report).parent})")
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from visionmoe.eval.classify import predict_files
+
+    for item in predict_files(args.run, args.images):
+        top = ", ".join(f"{t['class']} {t['prob']:.3f}" for t in item["top"])
+        print(f"{item['path']}: {top}")
+    return 0
+
+
+def _models(args: argparse.Namespace) -> int:
+    from visionmoe.models.registry import list_models, model_description
+
+    for name in list_models(args.pattern):
+        print(f"{name:22s} {model_description(name)}")
+    return 0
+
+
+def _recipes(args: argparse.Namespace) -> int:
+    from configs import list_recipes, recipe_description
+
+    for name in list_recipes():
+        print(f"{name:22s} {recipe_description(name)}")
+    return 0
+
+
+COMMANDS = {
+    "train": _train,
+    "eval": _eval,
+    "sweep": _sweep,
+    "fewshot": _fewshot,
+    "inspect": _inspect,
+    "predict": _predict,
+    "models": _models,
+    "recipes": _recipes,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"visionmoe {args.command}: error: {err}", file=sys.stderr)
+        return 2

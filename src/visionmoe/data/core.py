@@ -1,0 +1,149 @@
+"""Containers and error type shared by every dataset loader.
+
+Loaders return plain numpy arrays rather than ``torch.utils.data.Dataset`` objects because the
+datasets this library targets fit in memory, and keeping them as arrays makes batching a cheap
+fancy-index instead of a per-sample Python call.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = [
+    "DatasetError",
+    "DatasetSplits",
+    "ImageDataset",
+    "class_names_for",
+    "split_indices",
+]
+
+
+class DatasetError(ValueError):
+    """A dataset could not be loaded because of what is (or is not) on disk.
+
+    Subclassing ``ValueError`` lets callers that already catch bad-argument errors keep working,
+    while a dedicated type lets a CLI print the one-line message instead of a traceback.
+    """
+
+    @classmethod
+    def for_path(
+        cls, kind: str, path: str | os.PathLike[str] | None, problem: str, expected: str
+    ) -> DatasetError:
+        """Build the canonical message so every loader reports failures the same way.
+
+        Newlines are folded because the message is meant to fit on one terminal line even when
+        ``problem`` embeds the text of a lower-level exception.
+        """
+        problem = " ".join(str(problem).split())
+        return cls(f"cannot load {kind} dataset from '{path}': {problem}; expected {expected}")
+
+
+@dataclass
+class ImageDataset:
+    """One split of an image-classification dataset held in memory.
+
+    ``images`` stays uint8 NHWC (the on-disk layout of every supported format) so a dataset costs
+    a quarter of the float32 memory; conversion to model input happens per batch in
+    :func:`visionmoe.data.to_model_input`.
+    """
+
+    images: np.ndarray
+    labels: np.ndarray
+    class_names: list[str]
+
+    def __post_init__(self) -> None:
+        # Validate eagerly: a malformed array otherwise surfaces as a confusing shape error deep
+        # inside a training step, far from the loader that produced it.
+        images = self.images
+        if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4:
+            raise ValueError(
+                "images must be a uint8 numpy array of shape (N, H, W, C), got "
+                f"{type(images).__name__} {getattr(images, 'dtype', '?')} "
+                f"{getattr(images, 'shape', '?')}"
+            )
+        if images.shape[3] not in (1, 3):
+            raise ValueError(f"images must have 1 or 3 channels, got shape {images.shape}")
+        labels = np.asarray(self.labels)
+        if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
+            raise ValueError(f"labels must have shape ({images.shape[0]},), got {labels.shape}")
+        if labels.size and not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(f"labels must be integers, got dtype {labels.dtype}")
+        # Normalising the dtype here means model code can rely on int64 for cross_entropy.
+        self.labels = labels.astype(np.int64, copy=False)
+        self.class_names = [str(name) for name in self.class_names]
+        if self.labels.size:
+            low, high = int(self.labels.min()), int(self.labels.max())
+            if low < 0 or high >= len(self.class_names):
+                raise ValueError(
+                    f"labels must lie in [0, {len(self.class_names)}), got range [{low}, {high}]"
+                )
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes, including classes that happen to have no samples in this split."""
+        return len(self.class_names)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(H, W, C) of every image, handy for building a model that matches the data."""
+        _, h, w, c = self.images.shape
+        return (h, w, c)
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+
+@dataclass
+class DatasetSplits:
+    """A named train/test pair; the name is used for logging and run directories."""
+
+    name: str
+    train: ImageDataset
+    test: ImageDataset
+
+    @property
+    def num_classes(self) -> int:
+        """Both splits share ``class_names``, so the train split is authoritative."""
+        return self.train.num_classes
+
+
+def class_names_for(*label_arrays: np.ndarray) -> list[str]:
+    """Name classes "0".."K-1" with K = largest label + 1 over all splits.
+
+    Using max+1 rather than the distinct count keeps every label a valid index even when a label
+    value never occurs (e.g. EMNIST-letters, whose labels start at 1).
+    """
+    highest = -1
+    for labels in label_arrays:
+        if labels.size:
+            highest = max(highest, int(labels.max()))
+    return [str(i) for i in range(highest + 1)]
+
+
+def split_indices(
+    labels: np.ndarray, test_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Return (train, test) index arrays of a seeded, stratified split.
+
+    Stratification keeps the class balance of small datasets intact, which matters for the tiny
+    benchmarks this library is tested on.  scikit-learn refuses to stratify when a class has a
+    single sample or when the test split is smaller than the number of classes; we then fall back
+    to an unstratified seeded split instead of failing, since a slightly unbalanced split is
+    better than no split.  The indices keep scikit-learn's (shuffled) order so results match a
+    direct ``train_test_split`` call with the same seed.
+    """
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    from sklearn.model_selection import train_test_split  # heavy import; only when splitting
+
+    indices = np.arange(labels.shape[0])
+    try:
+        train, test = train_test_split(
+            indices, test_size=test_fraction, stratify=labels, random_state=seed
+        )
+    except ValueError:
+        train, test = train_test_split(indices, test_size=test_fraction, random_state=seed)
+    return np.asarray(train), np.asarray(test)

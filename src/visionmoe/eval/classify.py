@@ -1,0 +1,101 @@
+"""Accuracy, loss and compute spent by a classifier, and top-5 prediction for image files."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256) -> dict:
+    """Evaluate in eval mode; returns accuracy, loss, compute fraction and wall time.
+
+    ``compute_frac`` is the fraction of token-expert assignments actually processed by the sparse
+    MoE layers (1.0 means nothing was dropped), averaged over layers and weighted by tokens.
+    """
+    was_training = model.training
+    model.eval()
+    correct, loss_sum, processed, possible = 0, 0.0, 0.0, 0.0
+    start = time.perf_counter()
+    for i in range(0, len(y), batch_size):
+        logits, aux = model(x[i : i + batch_size], return_aux=True)
+        target = y[i : i + batch_size]
+        correct += int((logits.argmax(-1) == target).sum())
+        loss_sum += float(F.cross_entropy(logits.float(), target, reduction="sum"))
+        for layer in aux.layers.values():
+            if layer.plan is not None:
+                processed += float(layer.metrics["tokens_processed"])
+                possible += layer.plan.num_tokens * layer.plan.assignments_per_token
+    seconds = time.perf_counter() - start
+    model.train(was_training)
+    n = max(len(y), 1)
+    return {
+        "accuracy": correct / n,
+        "loss": loss_sum / n,
+        "compute_frac": processed / possible if possible else 1.0,
+        "seconds": seconds,
+        "images_per_s": n / seconds if seconds > 0 else float("inf"),
+        "num_examples": len(y),
+    }
+
+
+def evaluate_run(
+    run: str,
+    capacity_factor: float | None = None,
+    batch_priority: bool | None = None,
+    top_k: int | None = None,
+    batch_size: int | None = None,
+) -> dict:
+    """Test accuracy and compute spent by a trained run, optionally with changed routing.
+
+    Example: ``evaluate_run("runs/digits_vmoe-...", capacity_factor=0.5, batch_priority=True)``.
+    """
+    from visionmoe.models.routing_control import set_routing
+    from visionmoe.train.inputs import load_splits, to_tensors
+    from visionmoe.train.run import load_run
+
+    model, config = load_run(run)
+    set_routing(model, capacity_factor=capacity_factor, batch_priority=batch_priority, top_k=top_k)
+    test = to_tensors(load_splits(config.data).test, config.model)
+    result = evaluate(model, test.x, test.y, batch_size or config.train.eval_batch_size)
+    result.update(capacity_factor=capacity_factor, batch_priority=batch_priority, top_k=top_k)
+    return result
+
+
+@torch.no_grad()
+def predict_files(run: str, paths: list[str], top: int = 5) -> list[dict]:
+    """Top-``top`` classes with probabilities for each image file."""
+    import numpy as np
+    from PIL import Image
+
+    from visionmoe.data import to_model_input
+    from visionmoe.train.run import load_run, run_class_names
+
+    model, config = load_run(run)
+    names = run_class_names(run, config.model.num_classes)
+    mode = "L" if config.model.in_chans == 1 else "RGB"
+    out = []
+    for path in paths:
+        try:
+            with Image.open(path) as img:
+                array = np.asarray(img.convert(mode))
+        except (OSError, ValueError) as err:
+            raise ValueError(f"cannot read image '{path}': {err}") from None
+        if array.ndim == 2:
+            array = array[..., None]
+        x = to_model_input(array[None], config.model.image_size, config.model.in_chans)
+        probs = torch.softmax(model(x).float(), -1)[0]
+        values, index = probs.topk(min(top, len(probs)))
+        out.append(
+            {
+                "path": str(path),
+                "top": [
+                    {"class": names[i], "index": int(i), "prob": float(v)}
+                    for v, i in zip(values.tolist(), index.tolist(), strict=True)
+                ],
+            }
+        )
+    return out

@@ -1,0 +1,276 @@
+"""Typed experiment configs and ``section.field=value`` overrides.
+
+An :class:`ExperimentConfig` holds one frozen dataclass per component (model, data, optimizer,
+schedule, train). Recipes in ``configs/`` build one; the command line changes it with
+``--set section.field=value``, parsed against each field's declared type (unknown keys and values
+of the wrong type are errors). The resolved config is saved next to every checkpoint.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+from visionmoe.data import DATASET_KINDS
+from visionmoe.models.config import MoEConfig, ViTConfig
+from visionmoe.models.registry import MOE_FIELDS, VIT_FIELDS, apply_overrides
+
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULES = ("cosine", "linear", "constant", "rsqrt")
+LOSSES = ("softmax", "sigmoid")
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+@dataclass(kw_only=True, frozen=True)
+class DataConfig:
+    """Which dataset and how images become model input.
+
+    ``kind`` is one of ``visionmoe.data.DATASET_KINDS``; every kind but ``digits`` needs ``path``.
+    Images are resized to the model's ``image_size`` and scaled to [-1, 1].
+    """
+
+    kind: str = "digits"
+    path: str | None = None
+    crop_padding: int = 0
+    hflip: bool = False
+    test_fraction: float = 0.25
+    max_train_examples: int | None = None
+
+    def __post_init__(self) -> None:
+        _check(
+            self.kind in DATASET_KINDS,
+            f"data.kind must be one of {DATASET_KINDS}, got {self.kind!r}",
+        )
+        _check(self.crop_padding >= 0, f"data.crop_padding must be >= 0, got {self.crop_padding}")
+        _check(
+            0 < self.test_fraction < 1,
+            f"data.test_fraction must be in (0, 1), got {self.test_fraction}",
+        )
+        _check(
+            self.max_train_examples is None or self.max_train_examples > 0,
+            f"data.max_train_examples must be > 0 or None, got {self.max_train_examples}",
+        )
+
+
+@dataclass(kw_only=True, frozen=True)
+class OptimConfig:
+    """AdamW (decoupled weight decay, as vmoe's Adam + decay) or SGD with momentum."""
+
+    name: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.999
+    momentum: float = 0.9
+    grad_clip: float | None = 1.0
+    decay_kernels_only: bool = True
+
+    def __post_init__(self) -> None:
+        _check(
+            self.name in OPTIMIZERS, f"optim.name must be one of {OPTIMIZERS}, got {self.name!r}"
+        )
+        _check(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
+        _check(self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        _check(
+            self.grad_clip is None or self.grad_clip > 0,
+            f"optim.grad_clip must be > 0 or None, got {self.grad_clip}",
+        )
+
+
+@dataclass(kw_only=True, frozen=True)
+class ScheduleConfig:
+    """Linear warmup, then ``cosine`` / ``linear`` decay to ``end_lr`` (or constant / rsqrt)."""
+
+    name: str = "cosine"
+    warmup_steps: int = 100
+    end_lr: float = 1e-5
+
+    def __post_init__(self) -> None:
+        _check(
+            self.name in SCHEDULES, f"schedule.name must be one of {SCHEDULES}, got {self.name!r}"
+        )
+        _check(
+            self.warmup_steps >= 0, f"schedule.warmup_steps must be >= 0, got {self.warmup_steps}"
+        )
+        _check(self.end_lr >= 0, f"schedule.end_lr must be >= 0, got {self.end_lr}")
+
+
+@dataclass(kw_only=True, frozen=True)
+class TrainConfig:
+    """Loop length, batch sizes, seeds and how often to evaluate / checkpoint / log."""
+
+    steps: int = 1000
+    batch_size: int = 64
+    eval_batch_size: int = 256
+    seed: int = 0
+    loss: str = "softmax"
+    label_smoothing: float = 0.0
+    eval_every: int = 250
+    checkpoint_every: int = 250
+    log_every: int = 25
+    threads: int | None = None
+    keep_checkpoints: int = 2
+
+    def __post_init__(self) -> None:
+        for name in (
+            "steps",
+            "batch_size",
+            "eval_batch_size",
+            "eval_every",
+            "checkpoint_every",
+            "log_every",
+        ):
+            value = getattr(self, name)
+            _check(
+                isinstance(value, int) and value > 0,
+                f"train.{name} must be a positive integer, got {value!r}",
+            )
+        _check(self.seed >= 0, f"train.seed must be >= 0, got {self.seed}")
+        _check(self.loss in LOSSES, f"train.loss must be one of {LOSSES}, got {self.loss!r}")
+        _check(
+            0 <= self.label_smoothing < 1,
+            f"train.label_smoothing must be in [0, 1), got {self.label_smoothing}",
+        )
+
+
+@dataclass(kw_only=True, frozen=True)
+class ExperimentConfig:
+    """Everything a run needs; saved as ``config.json`` in the run directory."""
+
+    name: str
+    model: ViTConfig
+    data: DataConfig
+    optim: OptimConfig
+    schedule: ScheduleConfig
+    train: TrainConfig
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "model": self.model.to_dict(),
+            **{s: _plain(getattr(self, s)) for s in ("data", "optim", "schedule", "train")},
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ExperimentConfig:
+        return cls(
+            name=data["name"],
+            model=ViTConfig.from_dict(data["model"]),
+            data=DataConfig(**data["data"]),
+            optim=OptimConfig(**data["optim"]),
+            schedule=ScheduleConfig(**data["schedule"]),
+            train=TrainConfig(**data["train"]),
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def _plain(obj: Any) -> dict:
+    return {f.name: getattr(obj, f.name) for f in fields(obj)}
+
+
+_SECTIONS = {
+    "data": DataConfig,
+    "optim": OptimConfig,
+    "schedule": ScheduleConfig,
+    "train": TrainConfig,
+}
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def parse_value(text: str, annotation: Any, key: str) -> Any:
+    """Parse ``text`` as a value of type ``annotation`` (int, float, bool, str, optional, tuple)."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if text.lower() in ("none", "null") and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return parse_value(text, arg, key)
+            except ValueError as err:
+                errors.append(str(err))
+        raise ValueError(errors[0] if errors else f"bad value {text!r} for {key}")
+    if origin is tuple:
+        parts = [p for p in text.strip("()[] ").replace(",", " ").split() if p]
+        return tuple(parse_value(p, args[0], key) for p in parts)
+    if annotation is bool:
+        lowered = text.lower()
+        if lowered in ("true", "1", "yes", "on"):
+            return True
+        if lowered in ("false", "0", "no", "off"):
+            return False
+        raise ValueError(f"{key} expects true/false, got {text!r}")
+    if annotation is int:
+        try:
+            return int(text)
+        except ValueError:
+            raise ValueError(f"{key} expects an integer, got {text!r}") from None
+    if annotation is float:
+        try:
+            return float(text)
+        except ValueError:
+            raise ValueError(f"{key} expects a number, got {text!r}") from None
+    if annotation is str:
+        return text
+    raise ValueError(f"cannot parse {key} of type {annotation}")
+
+
+def apply_set(config: ExperimentConfig, assignments: list[str]) -> ExperimentConfig:
+    """Apply ``section.field=value`` overrides; ``model.*`` accepts ViT and MoE field names."""
+    by_section: dict[str, dict[str, Any]] = {}
+    model_updates: dict[str, Any] = {}
+    vit_types, moe_types = _field_types(ViTConfig), _field_types(MoEConfig)
+    for item in assignments:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise ValueError(
+                f"override {item!r} must look like section.field=value, e.g. model.num_experts=16"
+            )
+        key, text = item.split("=", 1)
+        section, name = key.strip().split(".", 1)
+        if section == "name":
+            raise ValueError("the run name is set with --name")
+        if section == "model":
+            if name.startswith("moe."):
+                name = name[4:]
+            if name in VIT_FIELDS:
+                model_updates[name] = parse_value(text, vit_types[name], key)
+            elif name in MOE_FIELDS:
+                model_updates[name] = parse_value(text, moe_types[name], key)
+            else:
+                close = difflib.get_close_matches(name, sorted(VIT_FIELDS | MOE_FIELDS), n=3)
+                hint = f"; did you mean {', '.join('model.' + c for c in close)}?" if close else ""
+                raise ValueError(f"unknown config key {key!r}{hint}")
+            continue
+        if section not in _SECTIONS:
+            raise ValueError(
+                f"unknown config section {section!r} in {item!r}; sections are "
+                f"{['model', *_SECTIONS]}"
+            )
+        types_ = _field_types(_SECTIONS[section])
+        if name not in types_:
+            close = difflib.get_close_matches(name, list(types_), n=3)
+            hint = f"; did you mean {', '.join(f'{section}.{c}' for c in close)}?" if close else ""
+            raise ValueError(f"unknown config key {key!r}{hint}")
+        by_section.setdefault(section, {})[name] = parse_value(text, types_[name], key)
+    updates: dict[str, Any] = {
+        s: replace(getattr(config, s), **values) for s, values in by_section.items()
+    }
+    if model_updates:
+        updates["model"] = apply_overrides(config.model, **model_updates)
+    return replace(config, **updates)

@@ -1,0 +1,99 @@
+"""Hooks for the fit loop: metrics log + progress bar, periodic eval, checkpoints."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from visionmoe.eval.classify import evaluate
+from visionmoe.train.checkpoint import save_checkpoint
+from visionmoe.train.inputs import TensorSplit
+from visionmoe.train.loop import TrainState
+
+
+class MetricsLog:
+    """Appends one JSON line per logged step to ``metrics.jsonl``; shows a progress bar."""
+
+    def __init__(self, run_dir: Path, every: int, total: int, start: int, progress: bool = True):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.every = every
+        self.bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record, sort_keys=True) + "\n")
+
+    def after_step(self, state: TrainState) -> None:
+        m = state.metrics
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(
+                loss=f"{m['train/loss']:.3f}",
+                acc=f"{m['train/accuracy']:.3f}",
+                img_s=f"{m['train/images_per_s']:.0f}",
+                refresh=False,
+            )
+        if state.step % self.every == 0 or state.step == state.config.train.steps:
+            self.write({"step": state.step, **m})
+
+    def at_end(self, state: TrainState) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class Evaluate:
+    """Evaluates on the test split every ``every`` steps and at the end."""
+
+    def __init__(self, data: TensorSplit, name: str, every: int, batch_size: int, log: MetricsLog):
+        self.data, self.name, self.every, self.batch_size, self.log = (
+            data,
+            name,
+            every,
+            batch_size,
+            log,
+        )
+        self.last: dict = {}
+
+    def run(self, state: TrainState) -> None:
+        result = evaluate(state.model, self.data.x, self.data.y, self.batch_size)
+        self.last = {f"eval/{self.name}/{k}": v for k, v in result.items()}
+        state.metrics.update(self.last)
+        self.log.write({"step": state.step, **self.last})
+        if self.log.bar is not None:
+            self.log.bar.write(f"step {state.step}: test accuracy {result['accuracy']:.4f}")
+
+    def after_step(self, state: TrainState) -> None:
+        if state.step % self.every == 0 and state.step < state.config.train.steps:
+            self.run(state)
+
+    def at_end(self, state: TrainState) -> None:
+        self.run(state)
+
+
+class Checkpoint:
+    """Saves a checkpoint every ``every`` steps and at the end (atomically)."""
+
+    def __init__(self, run_dir: Path, every: int, keep: int):
+        self.run_dir, self.every, self.keep = run_dir, every, keep
+
+    def save(self, state: TrainState) -> None:
+        save_checkpoint(
+            self.run_dir,
+            state.step,
+            state.model,
+            state.optimizer,
+            state.config.to_dict(),
+            keep=self.keep,
+        )
+
+    def after_step(self, state: TrainState) -> None:
+        if state.step % self.every == 0:
+            self.save(state)
+
+    def at_end(self, state: TrainState) -> None:
+        if state.step % self.every:
+            self.save(state)

@@ -1,0 +1,112 @@
+"""The train step and a short fit loop; logging, eval and checkpoints are hooks.
+
+The batch at step ``s`` is a pure function of ``(seed, s)`` (data order and augmentation), and the
+only other randomness (router noise, dropout) comes from the global torch generator, which is
+checkpointed. So a run resumed from step ``s`` replays exactly what the uninterrupted run did.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from visionmoe.data import BatchIterator, augment
+from visionmoe.train.config import ExperimentConfig
+from visionmoe.train.inputs import TensorSplit
+from visionmoe.train.optim import learning_rate, set_learning_rate
+
+
+@dataclass
+class TrainState:
+    """What hooks see after every step."""
+
+    config: ExperimentConfig
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    step: int = 0  # steps completed
+    metrics: dict[str, float] = field(default_factory=dict)
+    images_seen_time: float = 0.0
+    stop: bool = False
+
+
+class Hook(Protocol):
+    def after_step(self, state: TrainState) -> None: ...
+
+    def at_end(self, state: TrainState) -> None: ...
+
+
+def classification_loss(
+    logits: torch.Tensor, labels: torch.Tensor, kind: str, label_smoothing: float = 0.0
+) -> torch.Tensor:
+    """Softmax cross-entropy, or sigmoid BCE summed over classes (V-MoE upstream)."""
+    logits = logits.float()
+    if kind == "softmax":
+        return F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+    target = F.one_hot(labels, logits.shape[-1]).float()
+    return F.binary_cross_entropy_with_logits(logits, target, reduction="sum") / len(labels)
+
+
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    config: ExperimentConfig,
+) -> dict[str, float]:
+    """One optimisation step on ``(x, y)``: task loss + summed MoE aux loss."""
+    model.train()
+    logits, aux = model(x, return_aux=True)
+    task = classification_loss(logits, y, config.train.loss, config.train.label_smoothing)
+    loss = task + aux.loss
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    clip = config.optim.grad_clip
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip if clip else float("inf"))
+    optimizer.step()
+    metrics = {
+        "train/loss": float(loss.detach()),
+        "train/task_loss": float(task.detach()),
+        "train/aux_loss": float(aux.loss.detach()),
+        "train/accuracy": float((logits.argmax(-1) == y).float().mean()),
+        "train/grad_norm": float(grad_norm),
+    }
+    metrics.update(aux.metrics())
+    return metrics
+
+
+def batch_for_step(
+    data: TensorSplit, batches: BatchIterator, step: int, config: ExperimentConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    idx = torch.from_numpy(batches.indices_for_step(step).astype("int64"))
+    x, y = data.x.index_select(0, idx), data.y.index_select(0, idx)
+    if config.data.crop_padding or config.data.hflip:
+        generator = torch.Generator().manual_seed(config.train.seed * 1_000_003 + step)
+        x = augment(x, generator, config.data.crop_padding, config.data.hflip)
+    return x, y
+
+
+def fit(state: TrainState, data: TensorSplit, hooks: Sequence[Hook]) -> TrainState:
+    """Run steps ``state.step .. train.steps - 1``, calling every hook after each step."""
+    config = state.config
+    batches = BatchIterator(len(data), config.train.batch_size, config.train.seed)
+    while state.step < config.train.steps and not state.stop:
+        lr = learning_rate(state.step, config.train.steps, config.optim.lr, config.schedule)
+        set_learning_rate(state.optimizer, lr)
+        x, y = batch_for_step(data, batches, state.step, config)
+        start = time.perf_counter()
+        state.metrics = train_step(state.model, state.optimizer, x, y, config)
+        elapsed = time.perf_counter() - start
+        state.metrics["train/lr"] = lr
+        state.metrics["train/images_per_s"] = len(y) / elapsed if elapsed > 0 else 0.0
+        state.step += 1
+        for hook in hooks:
+            hook.after_step(state)
+    for hook in hooks:
+        hook.at_end(state)
+    return state

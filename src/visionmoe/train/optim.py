@@ -1,0 +1,55 @@
+"""Optimizer and learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from visionmoe.train.config import OptimConfig, ScheduleConfig
+
+_NO_DECAY = ("pos_embed", "cls_token", "probe")
+
+
+def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.Optimizer:
+    """AdamW or SGD; with ``decay_kernels_only`` weight decay skips biases, norms and embeddings.
+
+    AdamW's decoupled decay equals vmoe's "Adam + weight decay added to the update before the LR
+    multiply" rule.
+    """
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        is_kernel = param.ndim >= 2 and not any(tag in name for tag in _NO_DECAY)
+        (decay if is_kernel or not config.decay_kernels_only else no_decay).append(param)
+    groups = [
+        {"params": decay, "weight_decay": config.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    if config.name == "adamw":
+        return torch.optim.AdamW(
+            groups, lr=config.lr, betas=(config.beta1, config.beta2), foreach=True
+        )
+    return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, foreach=True)
+
+
+def learning_rate(step: int, total_steps: int, peak: float, config: ScheduleConfig) -> float:
+    """LR at ``step`` (0-based): linear warmup to ``peak``, then the configured decay."""
+    warmup = config.warmup_steps
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    if config.name == "constant":
+        return peak
+    if config.name == "rsqrt":
+        return peak / math.sqrt(1 + (step - warmup) / max(warmup, 1))
+    progress = min(1.0, (step - warmup) / max(total_steps - warmup, 1))
+    if config.name == "linear":
+        return config.end_lr + (peak - config.end_lr) * (1 - progress)
+    return config.end_lr + (peak - config.end_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr

@@ -1,0 +1,102 @@
+"""End-to-end training on a tiny digits model: resume after SIGKILL, fine-tuning, commands."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from configs import get_recipe
+from visionmoe.train.checkpoint import load_checkpoint
+from visionmoe.train.config import apply_set
+from visionmoe.train.run import load_run, run_training
+
+TINY = [
+    "model.hidden_size=16",
+    "model.mlp_dim=32",
+    "model.num_heads=2",
+    "model.num_layers=2",
+    "model.moe_layers=1",
+    "model.num_experts=4",
+    "data.max_train_examples=512",
+    "train.batch_size=32",
+    "train.eval_every=20",
+    "train.checkpoint_every=10",
+    "train.log_every=5",
+    "schedule.warmup_steps=5",
+    "train.threads=1",
+]
+
+
+def tiny(steps=40, extra=()):
+    return apply_set(get_recipe("digits_vmoe"), [*TINY, f"train.steps={steps}", *extra])
+
+
+def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
+    steps = 60
+    reference = run_training(tiny(steps), run_dir=tmp_path / "ref", progress=False)
+
+    run_dir = tmp_path / "killed"
+    cmd = [
+        sys.executable,
+        "-m",
+        "visionmoe",
+        "train",
+        "--no-progress",
+        "--run-dir",
+        str(run_dir),
+        "--set",
+        *TINY,
+        f"train.steps={steps}",
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    latest = run_dir / "checkpoints" / "latest"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if latest.exists() and latest.read_text() >= "step_0000020":
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "training finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    step_at_kill = load_checkpoint(run_dir)["meta"]["step"]
+    assert step_at_kill < steps
+
+    resumed = run_training(resume=run_dir, progress=False)
+    assert resumed["resumed_from_step"] == step_at_kill
+    assert resumed["test_accuracy"] == reference["test_accuracy"]
+    assert resumed["test_loss"] == pytest.approx(reference["test_loss"], abs=1e-6)
+    a, b = load_checkpoint(tmp_path / "ref")["model"], load_checkpoint(run_dir)["model"]
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-6), key
+    ref_log = (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()
+    new_log = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in ref_log] == [json.loads(x)["step"] for x in new_log]
+
+
+def test_finetune_new_head_and_resized_pos_embed(tmp_path):
+    run_training(tiny(10), run_dir=tmp_path / "base", progress=False)
+    cfg = tiny(5, ["model.image_size=16", "model.capacity_factor=1.5"])
+    summary = run_training(cfg, run_dir=tmp_path / "ft", init=tmp_path / "base", progress=False)
+    assert any("position embedding resized" in n for n in summary["init_notes"])
+    model, config = load_run(tmp_path / "ft")
+    assert model.pos_embed.shape == (1, 1 + 64, 16)
+    assert config.model.moe.capacity_factor == 1.5
+
+
+def test_load_weights_into_new_head(tmp_path):
+    from visionmoe.models.vit import VisionTransformer
+    from visionmoe.train.finetune import load_init_weights
+
+    run_training(tiny(5), run_dir=tmp_path / "base", progress=False)
+    state = load_checkpoint(tmp_path / "base")["model"]
+    cfg = tiny(5, ["model.num_classes=3"]).model
+    model = VisionTransformer(cfg)
+    notes = load_init_weights(model, state)
+    assert any("new zero-initialised head" in n for n in notes)
+    assert torch.all(model.head.weight == 0)
+    assert torch.equal(model.blocks[0].attn.qkv.weight, state["blocks.0.attn.qkv.weight"])
