@@ -32,11 +32,14 @@ class MoEAux:
       loss: scalar auxiliary loss, already weighted (0 for routers without one).
       metrics: detached routing statistics, scalars or per-expert vectors.
       plan: the routing decision (sparse layers only), e.g. to colour patches by expert.
+      gates: (T, E) softmax of the clean router logits, with gradient (sparse layers only), for
+        losses defined on router probabilities (e.g. LIMoE's entropy losses).
     """
 
     loss: Tensor
     metrics: dict[str, Tensor] = field(default_factory=dict)
     plan: RoutingPlan | None = None
+    gates: Tensor | None = None
 
 
 class SparseMoE(nn.Module):
@@ -103,9 +106,9 @@ class SparseMoE(nn.Module):
     def forward(self, x_BLD: Tensor) -> tuple[Tensor, MoEAux]:
         B, L, D = x_BLD.shape
         x_TD = x_BLD.reshape(B * L, D)
-        plan, _ = self.router(x_TD, self.group_size)
+        plan, gates_TE = self.router(x_TD, self.group_size)
         y_TD = dispatch(x_TD, plan, self.experts, self.dispatch)
-        return y_TD.view(B, L, D), MoEAux(plan.aux_loss, plan.metrics, plan)
+        return y_TD.view(B, L, D), MoEAux(plan.aux_loss, plan.metrics, plan, gates_TE)
 
 
 class SoftMoE(nn.Module):
