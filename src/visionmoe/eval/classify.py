@@ -15,16 +15,28 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
 
     ``compute_frac`` is the fraction of token-expert assignments actually processed by the sparse
     MoE layers (1.0 means nothing was dropped), averaged over layers and weighted by tokens.
+    For E^3 models (member logits ``(B, M, C)``) accuracy and ``loss`` (NLL) use the ensemble
+    prediction ``mean_m softmax(logits_m)``; ``member_accuracy`` and ``ece`` are added.
     """
+    from visionmoe.models.ensemble import ensemble_log_probs, expected_calibration_error
+
     was_training = model.training
     model.eval()
     correct, loss_sum, processed, possible = 0, 0.0, 0.0, 0.0
+    member_correct, all_probs = None, []
     start = time.perf_counter()
     for i in range(0, len(y), batch_size):
         logits, aux = model(x[i : i + batch_size], return_aux=True)
         target = y[i : i + batch_size]
-        correct += int((logits.argmax(-1) == target).sum())
-        loss_sum += float(F.cross_entropy(logits.float(), target, reduction="sum"))
+        if logits.ndim == 3:
+            member_hits = (logits.argmax(-1) == target[:, None]).sum(0)
+            member_correct = member_hits if member_correct is None else member_correct + member_hits
+            log_probs = ensemble_log_probs(logits)
+        else:
+            log_probs = torch.log_softmax(logits.float(), -1)
+        all_probs.append(log_probs.exp())
+        correct += int((log_probs.argmax(-1) == target).sum())
+        loss_sum += float(F.nll_loss(log_probs, target, reduction="sum"))
         for layer in aux.layers.values():
             if layer.plan is not None:
                 processed += float(layer.metrics["tokens_processed"])
@@ -32,7 +44,12 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     seconds = time.perf_counter() - start
     model.train(was_training)
     n = max(len(y), 1)
+    extra = {}
+    if member_correct is not None:
+        extra["member_accuracy"] = [c / n for c in member_correct.tolist()]
+        extra["ece"] = expected_calibration_error(torch.cat(all_probs), y)
     return {
+        **extra,
         "accuracy": correct / n,
         "loss": loss_sum / n,
         "compute_frac": processed / possible if possible else 1.0,

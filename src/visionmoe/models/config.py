@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, fields
 from visionmoe.layers.dispatch import DISPATCH_MODES
 from visionmoe.layers.experts import EXPERT_INITS
 from visionmoe.layers.mlp import GELU_VARIANTS
+from visionmoe.layers.patch_merger import LOGIT_SCALES, MERGE_SOURCES
 from visionmoe.routing.capacity import ROUNDINGS
 from visionmoe.routing.top_k import BPR_SCORES
 
@@ -69,6 +70,7 @@ class MoEConfig:
     expert_init: str = "shared"
     expert_dropout: float = 0.0
     dispatch: str = "auto"
+    ensemble_members: int = 1
 
     def __post_init__(self) -> None:
         _choice("router", self.router, MOE_ROUTERS)
@@ -89,6 +91,19 @@ class MoEConfig:
         _choice("capacity_rounding", self.capacity_rounding, ROUNDINGS)
         _choice("expert_init", self.expert_init, EXPERT_INITS)
         _choice("dispatch", self.dispatch, DISPATCH_MODES)
+        _positive_int("ensemble_members", self.ensemble_members)
+        if self.num_experts % self.ensemble_members:
+            raise ValueError(
+                f"num_experts={self.num_experts} must be divisible by "
+                f"ensemble_members={self.ensemble_members} (experts are split among members)"
+            )
+        if self.ensemble_members > 1 and self.router != "top_k":
+            raise ValueError(f"ensemble_members > 1 needs router='top_k', got {self.router!r}")
+        if self.router == "top_k" and self.top_k > self.num_experts // self.ensemble_members:
+            raise ValueError(
+                f"top_k={self.top_k} exceeds the {self.num_experts // self.ensemble_members} "
+                "experts of each ensemble member"
+            )
         for name in (
             "noise_std",
             "importance_weight",
@@ -130,6 +145,10 @@ class ViTConfig:
     head_bias_init: float | None = None
     moe: MoEConfig | None = None
     moe_layers: tuple[int, ...] = field(default_factory=tuple)
+    patch_merger_after: int | None = None
+    patch_merger_tokens: int = 8
+    patch_merger_source: str = "normed"
+    patch_merger_scale: str | None = None
 
     def __post_init__(self) -> None:
         for name in (
@@ -167,6 +186,16 @@ class ViTConfig:
             raise ValueError(
                 f"moe_layers {bad} out of range; block indices must be in [0, {self.num_layers})"
             )
+        if self.patch_merger_after is not None and not (
+            0 <= self.patch_merger_after < self.num_layers - 1
+        ):
+            raise ValueError(
+                f"patch_merger_after={self.patch_merger_after} must be a block index in "
+                f"[0, {self.num_layers - 1}) (the merger sits between two blocks)"
+            )
+        _positive_int("patch_merger_tokens", self.patch_merger_tokens)
+        _choice("patch_merger_source", self.patch_merger_source, MERGE_SOURCES)
+        _choice("patch_merger_scale", self.patch_merger_scale, LOGIT_SCALES)
         if self.moe_layers and self.moe is None:
             raise ValueError(f"moe_layers={self.moe_layers} given but moe config is None")
 
@@ -177,6 +206,16 @@ class ViTConfig:
     @property
     def num_tokens(self) -> int:
         return self.num_patches + (1 if self.classifier == "token" else 0)
+
+    def tokens_at_block(self, index: int) -> int:
+        """Tokens per image entering block ``index`` (fewer after a patch merger)."""
+        if self.patch_merger_after is not None and index > self.patch_merger_after:
+            return self.patch_merger_tokens + (1 if self.classifier == "token" else 0)
+        return self.num_tokens
+
+    @property
+    def ensemble_members(self) -> int:
+        return 1 if self.moe is None else self.moe.ensemble_members
 
     def to_dict(self) -> dict:
         out = {f.name: getattr(self, f.name) for f in fields(self)}

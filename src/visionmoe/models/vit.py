@@ -20,6 +20,7 @@ from visionmoe.layers.attention import Attention
 from visionmoe.layers.mlp import Mlp
 from visionmoe.layers.moe import MoEAux, SoftMoE, SparseMoE
 from visionmoe.layers.patch_embed import PatchEmbed, sincos_2d
+from visionmoe.layers.patch_merger import PatchMerger
 from visionmoe.models.config import ViTConfig
 
 
@@ -46,13 +47,14 @@ def build_ffn(config: ViTConfig, index: int) -> nn.Module:
     moe = config.moe
     if index not in config.moe_layers or moe is None:
         return Mlp(d, f, config.gelu, config.dropout)
+    tokens = config.tokens_at_block(index)
     if moe.router == "soft":
         return SoftMoE(
             d,
             f,
             moe.num_experts,
             moe.slots_per_expert,
-            config.num_tokens,
+            tokens,
             moe.capacity_factor,
             moe.noise_std,
             config.gelu,
@@ -62,7 +64,7 @@ def build_ffn(config: ViTConfig, index: int) -> nn.Module:
     if moe.group_size is not None:
         group_size = moe.group_size
     elif moe.group_images is not None:
-        group_size = moe.group_images * config.num_tokens
+        group_size = moe.group_images * tokens
     else:
         group_size = None
     router_kwargs = {
@@ -79,22 +81,18 @@ def build_ffn(config: ViTConfig, index: int) -> nn.Module:
             gshard_weight=moe.gshard_weight,
             z_loss_weight=moe.z_loss_weight,
         )
-    return SparseMoE(
-        d,
-        f,
-        moe.num_experts,
-        moe.top_k,
-        moe.capacity_factor,
-        group_size,
-        moe.batch_priority,
-        moe.eval_capacity_factor,
-        moe.router,
-        moe.dispatch,
-        config.gelu,
-        moe.expert_dropout,
-        moe.expert_init,
-        **router_kwargs,
-    )
+    common = dict(
+        dim=d, hidden_dim=f, num_experts=moe.num_experts, top_k=moe.top_k,
+        capacity_factor=moe.capacity_factor, group_size=group_size,
+        batch_priority=moe.batch_priority, eval_capacity_factor=moe.eval_capacity_factor,
+        dispatch=moe.dispatch, gelu_variant=config.gelu, dropout=moe.expert_dropout,
+        expert_init=moe.expert_init, **router_kwargs,
+    )  # fmt: skip
+    if moe.ensemble_members > 1:
+        from visionmoe.models.ensemble import EnsembleSparseMoE
+
+        return EnsembleSparseMoE(num_members=moe.ensemble_members, **common)
+    return SparseMoE(router=moe.router, **common)
 
 
 class Block(nn.Module):
@@ -166,6 +164,16 @@ class VisionTransformer(nn.Module):
         self.blocks = nn.ModuleList(
             Block(config, build_ffn(config, i)) for i in range(config.num_layers)
         )
+        self.patch_merger = None
+        if config.patch_merger_after is not None:
+            self.patch_merger = PatchMerger(
+                d,
+                config.patch_merger_tokens,
+                config.ln_eps,
+                config.patch_merger_source,
+                config.patch_merger_scale,
+            )
+        self.tile_at = min(config.moe_layers) if config.ensemble_members > 1 else None
         self.norm = nn.LayerNorm(d, eps=config.ln_eps)
         self.map_head = MapHead(config) if config.classifier == "map" else None
         width = d
@@ -194,9 +202,15 @@ class VisionTransformer(nn.Module):
         x = x + self.pos_embed.to(x.dtype)
         layers: dict[int, MoEAux] = {}
         for i, block in enumerate(self.blocks):
+            if i == self.tile_at:
+                # E^3: member copies of an image are adjacent along the batch.
+                x = x.repeat_interleave(self.config.ensemble_members, dim=0)
             x, aux = block(x)
             if aux is not None:
                 layers[i] = aux
+            if i == self.config.patch_merger_after:
+                prefix, patches = x[:, : self.num_prefix], x[:, self.num_prefix :]
+                x = torch.cat([prefix, self.patch_merger(patches)], dim=1)
         loss = sum((a.loss for a in layers.values()), x.new_zeros((), dtype=torch.float32))
         self.last_aux = ModelAux(loss, layers)
         return self.norm(x)
@@ -213,5 +227,9 @@ class VisionTransformer(nn.Module):
         return x if pre_logits else self.head(x)
 
     def forward(self, x_BCHW: Tensor, return_aux: bool = False):
+        """Logits ``(B, C)``; E^3 models return member logits ``(B, M, C)``."""
         logits = self.forward_head(self.forward_features(x_BCHW))
+        members = self.config.ensemble_members
+        if members > 1:
+            logits = logits.view(-1, members, logits.shape[-1])
         return (logits, self.last_aux) if return_aux else logits

@@ -187,10 +187,11 @@ class TokenChoiceRouter(nn.Module):
         if (
             isinstance(self.top_k, bool)
             or not isinstance(self.top_k, int)
-            or not (1 <= self.top_k <= self.num_experts)
+            or not (1 <= self.top_k <= self.experts_per_choice)
         ):
             raise ValueError(
-                f"top_k must be an integer in [1, num_experts={self.num_experts}], "
+                f"top_k must be an integer in [1, {self.experts_per_choice}] (the experts a "
+                f"token can choose from), "
                 f"got {self.top_k!r}"
             )
         for name in ("capacity_factor", "eval_capacity_factor"):
@@ -199,6 +200,11 @@ class TokenChoiceRouter(nn.Module):
                 continue
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
                 raise ValueError(f"{name} must be a number > 0, got {value!r}")
+
+    @property
+    def experts_per_choice(self) -> int:
+        """Experts one token chooses among (all of them; E/M for an E^3 member)."""
+        return self.num_experts
 
     @property
     def active_capacity_factor(self) -> float:
@@ -210,21 +216,25 @@ class TokenChoiceRouter(nn.Module):
         """Route T tokens in groups of ``group_size``; returns the plan and clean gates (T, E)."""
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
             x_TD = router_precision(x_TD)
-            logits_TE = F.linear(x_TD, self.proj.weight.to(x_TD.dtype))
-            parts, aux, gates = [], [], []
-            for split in split_groups(x_TD.shape[0], group_size):
-                end = split.start + split.num_groups * split.group_size
-                logits_GSE = logits_TE[split.start : end].reshape(
-                    split.num_groups, split.group_size, self.num_experts
-                )
-                plan, aux_G, clean_gates_GSE = self._route_groups(logits_GSE)
-                parts.append(plan)
-                aux.append(aux_G)
-                gates.append(clean_gates_GSE.reshape(-1, self.num_experts))
-            plan = concat_plans(parts)
-            plan.aux_loss = torch.cat(aux).mean()
-            gates_TE = torch.cat(gates)
-            plan.metrics = routing_metrics(plan, gates_TE)
+            return self.route_logits(F.linear(x_TD, self.proj.weight.to(x_TD.dtype)), group_size)
+
+    def route_logits(self, logits_TE: Tensor, group_size: int | None) -> tuple[RoutingPlan, Tensor]:
+        """Route from clean logits (T, E'); E' may be a slice of the experts (E^3 members)."""
+        num_experts = logits_TE.shape[-1]
+        parts, aux, gates = [], [], []
+        for split in split_groups(logits_TE.shape[0], group_size):
+            end = split.start + split.num_groups * split.group_size
+            logits_GSE = logits_TE[split.start : end].reshape(
+                split.num_groups, split.group_size, num_experts
+            )
+            plan, aux_G, clean_gates_GSE = self._route_groups(logits_GSE)
+            parts.append(plan)
+            aux.append(aux_G)
+            gates.append(clean_gates_GSE.reshape(-1, num_experts))
+        plan = concat_plans(parts)
+        plan.aux_loss = torch.cat(aux).mean()
+        gates_TE = torch.cat(gates)
+        plan.metrics = routing_metrics(plan, gates_TE)
         return plan, gates_TE
 
     def _route_groups(self, logits_GSE: Tensor) -> tuple[RoutingPlan, Tensor, Tensor]:

@@ -44,8 +44,15 @@ class Hook(Protocol):
 def classification_loss(
     logits: torch.Tensor, labels: torch.Tensor, kind: str, label_smoothing: float = 0.0
 ) -> torch.Tensor:
-    """Softmax cross-entropy, or sigmoid BCE summed over classes (V-MoE upstream)."""
+    """Softmax cross-entropy, or sigmoid BCE summed over classes (V-MoE upstream).
+
+    E^3 member logits ``(B, M, C)`` are trained as M models: the loss is averaged over B*M
+    predictions against the repeated labels.
+    """
     logits = logits.float()
+    if logits.ndim == 3:
+        labels = labels.repeat_interleave(logits.shape[1])
+        logits = logits.reshape(-1, logits.shape[-1])
     if kind == "softmax":
         return F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
     target = F.one_hot(labels, logits.shape[-1]).float()
@@ -73,11 +80,18 @@ def train_step(
         "train/loss": float(loss.detach()),
         "train/task_loss": float(task.detach()),
         "train/aux_loss": float(aux.loss.detach()),
-        "train/accuracy": float((logits.argmax(-1) == y).float().mean()),
+        "train/accuracy": float((_predictions(logits) == y).float().mean()),
         "train/grad_norm": float(grad_norm),
     }
     metrics.update(aux.metrics())
     return metrics
+
+
+def _predictions(logits: torch.Tensor) -> torch.Tensor:
+    """Class predictions; E^3 member logits vote through their mean probability."""
+    if logits.ndim == 3:
+        return torch.softmax(logits.detach().float(), -1).mean(1).argmax(-1)
+    return logits.argmax(-1)
 
 
 def batch_for_step(
