@@ -9,6 +9,7 @@ from visionmoe.eval.classify import evaluate_run, predict_files
 from visionmoe.eval.fewshot_run import fewshot_run
 from visionmoe.eval.inspect import inspect_run
 from visionmoe.eval.sweep import sweep_run
+from visionmoe.hub import from_pretrained, save_pretrained
 from visionmoe.models import (
     ModelAux,
     MoEConfig,
@@ -20,6 +21,7 @@ from visionmoe.models import (
     set_routing,
 )
 from visionmoe.train.run import load_run, run_training
+from visionmoe.upcycle import upcycle
 
 __version__ = "0.1.0"
 
@@ -31,12 +33,15 @@ __all__ = [
     "create_model",
     "evaluate_run",
     "fewshot_run",
+    "from_pretrained",
     "get_config",
     "inspect_run",
     "list_models",
     "load_run",
     "predict_files",
     "run_training",
+    "save_pretrained",
     "set_routing",
     "sweep_run",
+    "upcycle",
 ]
