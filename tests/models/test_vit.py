@@ -165,3 +165,23 @@ def test_moe_options_on_dense_model_need_placement():
 def test_config_round_trip():
     cfg = visionmoe.get_config("vmoe_debug")
     assert visionmoe.ViTConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_dense_twin_has_equal_active_flops():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from visionmoe.models import dense_twin
+
+    cfg = visionmoe.get_config("vmoe_debug", capacity_factor=8.0, eval_capacity_factor=8.0)
+    twin = dense_twin(cfg)
+    assert twin.moe is None and twin.wide_mlp_layers == cfg.moe_layers
+    x = torch.randn(2, 3, 32, 32)
+    counts = []
+    for config in (cfg, twin):
+        model = visionmoe.VisionTransformer(config).eval()
+        with FlopCounterMode(display=False) as counter:
+            model(x)
+        counts.append(counter.get_total_flops())
+    # Equal up to the router (T x D x E per MoE block).
+    router = 2 * (2 * 17) * 32 * 4 * 2
+    assert counts[0] - counts[1] == router

@@ -1,6 +1,6 @@
 """Vision Transformer family with MoE layers placed by block index."""
 
-from visionmoe.models.config import MoEConfig, ViTConfig
+from visionmoe.models.config import MoEConfig, ViTConfig, dense_twin
 from visionmoe.models.registry import (
     create_model,
     get_config,
@@ -17,6 +17,7 @@ __all__ = [
     "ViTConfig",
     "VisionTransformer",
     "create_model",
+    "dense_twin",
     "every_n",
     "get_config",
     "last_n",

@@ -121,9 +121,11 @@ class MoEConfig:
 class ViTConfig:
     """A Vision Transformer; blocks listed in ``moe_layers`` (0-indexed) get an MoE FFN.
 
-    ``gelu="tanh"`` and ``ln_eps=1e-6`` match the JAX ViT / V-MoE code. ``head_bias_init=None``
-    initialises the classifier bias to ``-log(num_classes)``. ``num_classes=0`` builds no head
-    (the model returns pre-logits).
+    ``wide_mlp_layers`` / ``wide_mlp_factor`` widen the dense MLP of some blocks: the dense twin of
+    a top-K MoE model (:func:`dense_twin`) has ``K * mlp_dim`` hidden units where the MoE was, so
+    both spend the same FLOPs per token. ``gelu="tanh"`` and ``ln_eps=1e-6`` match the JAX ViT /
+    V-MoE code. ``head_bias_init=None`` initialises the classifier bias to ``-log(num_classes)``.
+    ``num_classes=0`` builds no head (the model returns pre-logits).
     """
 
     image_size: int = 224
@@ -145,6 +147,8 @@ class ViTConfig:
     head_bias_init: float | None = None
     moe: MoEConfig | None = None
     moe_layers: tuple[int, ...] = field(default_factory=tuple)
+    wide_mlp_layers: tuple[int, ...] = field(default_factory=tuple)
+    wide_mlp_factor: int = 1
     patch_merger_after: int | None = None
     patch_merger_tokens: int = 8
     patch_merger_source: str = "normed"
@@ -186,6 +190,11 @@ class ViTConfig:
             raise ValueError(
                 f"moe_layers {bad} out of range; block indices must be in [0, {self.num_layers})"
             )
+        object.__setattr__(self, "wide_mlp_layers", tuple(sorted(set(self.wide_mlp_layers))))
+        _positive_int("wide_mlp_factor", self.wide_mlp_factor)
+        bad = [i for i in self.wide_mlp_layers if not 0 <= i < self.num_layers]
+        if bad:
+            raise ValueError(f"wide_mlp_layers {bad} out of range [0, {self.num_layers})")
         if self.patch_merger_after is not None and not (
             0 <= self.patch_merger_after < self.num_layers - 1
         ):
@@ -207,6 +216,10 @@ class ViTConfig:
     def num_tokens(self) -> int:
         return self.num_patches + (1 if self.classifier == "token" else 0)
 
+    def mlp_dim_at_block(self, index: int) -> int:
+        """Hidden width of block ``index``'s dense MLP (dense twins widen former MoE blocks)."""
+        return self.mlp_dim * (self.wide_mlp_factor if index in self.wide_mlp_layers else 1)
+
     def tokens_at_block(self, index: int) -> int:
         """Tokens per image entering block ``index`` (fewer after a patch merger)."""
         if self.patch_merger_after is not None and index > self.patch_merger_after:
@@ -225,6 +238,7 @@ class ViTConfig:
             else {f.name: getattr(self.moe, f.name) for f in fields(self.moe)}
         )
         out["moe_layers"] = list(self.moe_layers)
+        out["wide_mlp_layers"] = list(self.wide_mlp_layers)
         return out
 
     @classmethod
@@ -232,4 +246,26 @@ class ViTConfig:
         data = dict(data)
         moe = data.pop("moe", None)
         data["moe_layers"] = tuple(data.get("moe_layers", ()))
+        data["wide_mlp_layers"] = tuple(data.get("wide_mlp_layers", ()))
         return cls(**data, moe=None if moe is None else MoEConfig(**moe))
+
+
+def dense_twin(config: ViTConfig) -> ViTConfig:
+    """The dense model with the same active FLOPs per token as a top-K MoE ``config``.
+
+    Each MoE block becomes a dense MLP of ``K * mlp_dim`` hidden units (a token-choice token is
+    processed by K experts of width ``mlp_dim``); everything else is unchanged.
+    """
+    if config.moe is None:
+        return config
+    if config.moe.router != "top_k":
+        raise ValueError(f"dense_twin is defined for token-choice MoEs, got {config.moe.router!r}")
+    from dataclasses import replace
+
+    return replace(
+        config,
+        moe=None,
+        moe_layers=(),
+        wide_mlp_layers=config.moe_layers,
+        wide_mlp_factor=config.moe.top_k,
+    )

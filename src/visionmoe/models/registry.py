@@ -12,7 +12,7 @@ import fnmatch
 from collections.abc import Callable
 from dataclasses import fields, replace
 
-from visionmoe.models.config import MoEConfig, ViTConfig
+from visionmoe.models.config import MoEConfig, ViTConfig, dense_twin
 from visionmoe.models.variants import (
     VMOE_SIZES,
     every_n,
@@ -125,6 +125,12 @@ def vmoe_s32_e8_last2() -> ViTConfig:
     """V-MoE-S/32 (8 blocks, D 512), E=8, K=2, Last-2 (blocks 5, 7), as released for ILSVRC2012."""
     cfg = _vmoe("S", 32, last_n(8, 2), representation_size=512)
     return replace(cfg, moe=replace(cfg.moe, eval_capacity_factor=4.0))
+
+
+@register_model
+def vit_s32_vmoe_twin() -> ViTConfig:
+    """Dense twin of ``vmoe_s32_e8_last2`` at equal active FLOPs (2x-wide MLP in blocks 5, 7)."""
+    return dense_twin(vmoe_s32_e8_last2())
 
 
 @register_model

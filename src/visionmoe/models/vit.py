@@ -46,7 +46,7 @@ def build_ffn(config: ViTConfig, index: int) -> nn.Module:
     d, f = config.hidden_size, config.mlp_dim
     moe = config.moe
     if index not in config.moe_layers or moe is None:
-        return Mlp(d, f, config.gelu, config.dropout)
+        return Mlp(d, config.mlp_dim_at_block(index), config.gelu, config.dropout)
     tokens = config.tokens_at_block(index)
     if moe.router == "soft":
         return SoftMoE(
