@@ -14,17 +14,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
+from visionmoe.routing.base import SparseRouter
 from visionmoe.routing.capacity import compute_capacity
-from visionmoe.routing.plan import (
-    RoutingPlan,
-    concat_plans,
-    router_precision,
-    routing_metrics,
-    split_groups,
-)
-from visionmoe.routing.top_k import lecun_normal_
+from visionmoe.routing.plan import RoutingPlan
 
 
 def expert_choice_assign(gates_GSE: Tensor, capacity: int) -> tuple[Tensor, Tensor]:
@@ -42,7 +36,7 @@ def expert_choice_dispatch(gates_GSE: Tensor, capacity: int) -> tuple[Tensor, Te
     return dispatch_GSEC * gates_GSE.unsqueeze(-1), dispatch_GSEC
 
 
-class ExpertChoiceRouter(nn.Module):
+class ExpertChoiceRouter(SparseRouter):
     """Softmax expert-choice router with optional training noise (``sigma = noise_std / E``).
 
     Args:
@@ -65,56 +59,29 @@ class ExpertChoiceRouter(nn.Module):
         capacity_rounding: str = "round",
         capacity_multiple_of: int | None = None,
     ) -> None:
-        super().__init__()
         for name, value in (
             ("capacity_factor", capacity_factor),
             ("eval_capacity_factor", eval_capacity_factor),
         ):
             if value is not None and not value > 0:
                 raise ValueError(f"{name} must be a number > 0, got {value!r}")
-        self.num_experts = num_experts
-        self.proj = nn.Linear(dim, num_experts, bias=False)
-        lecun_normal_(self.proj.weight)
-        self.capacity_factor = capacity_factor
-        self.eval_capacity_factor = eval_capacity_factor
+        super().__init__(dim, num_experts, capacity_factor, eval_capacity_factor)
         self.noise_std = noise_std
         self.capacity_rounding = capacity_rounding
         self.capacity_multiple_of = capacity_multiple_of
         self.batch_priority = False
 
-    @property
-    def active_capacity_factor(self) -> float:
-        if not self.training and self.eval_capacity_factor is not None:
-            return self.eval_capacity_factor
-        return self.capacity_factor
-
     def forward(self, x_TD: Tensor, group_size: int | None = None) -> tuple[RoutingPlan, Tensor]:
-        """Route T tokens in groups of ``group_size``; returns the plan and clean gates (T, E)."""
-        with torch.autocast(device_type=x_TD.device.type, enabled=False):
-            x_TD = router_precision(x_TD)
-            logits_TE = F.linear(x_TD, self.proj.weight.to(x_TD.dtype))
-            parts, gates = [], []
-            for split in split_groups(x_TD.shape[0], group_size):
-                end = split.start + split.num_groups * split.group_size
-                logits_GSE = logits_TE[split.start : end].reshape(
-                    split.num_groups, split.group_size, self.num_experts
-                )
-                plan, clean_GSE = self._route_groups(logits_GSE)
-                parts.append(plan)
-                gates.append(clean_GSE.reshape(-1, self.num_experts))
-            plan = concat_plans(parts)
-            plan.aux_loss = logits_TE.new_zeros(())
-            gates_TE = torch.cat(gates)
-            plan.metrics = routing_metrics(plan, gates_TE)
-            with torch.no_grad():
-                per_token = torch.zeros(plan.num_tokens, device=x_TD.device).index_add_(
-                    0, plan.token_idx, plan.keep.float()
-                )
-                plan.metrics["experts_per_token_min"] = per_token.min()
-                plan.metrics["experts_per_token_max"] = per_token.max()
+        plan, gates_TE = super().forward(x_TD, group_size)
+        with torch.no_grad():
+            per_token = torch.zeros(plan.num_tokens, device=x_TD.device).index_add_(
+                0, plan.token_idx, plan.keep.float()
+            )
+            plan.metrics["experts_per_token_min"] = per_token.min()
+            plan.metrics["experts_per_token_max"] = per_token.max()
         return plan, gates_TE
 
-    def _route_groups(self, logits_GSE: Tensor) -> tuple[RoutingPlan, Tensor]:
+    def _route_groups(self, logits_GSE: Tensor) -> tuple[RoutingPlan, Tensor, Tensor]:
         G, S, E = logits_GSE.shape
         sigma = self.noise_std / E
         noisy = self.training and sigma > 0
@@ -151,4 +118,4 @@ class ExpertChoiceRouter(nn.Module):
             aux_loss=logits_GSE.new_zeros(()),
         )
         clean_GSE = torch.softmax(logits_GSE, dim=-1) if noisy else gates_GSE
-        return plan, clean_GSE
+        return plan, logits_GSE.new_zeros(G), clean_GSE

@@ -14,21 +14,14 @@ auxiliary importance / load losses.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from visionmoe.routing import losses
+from visionmoe.routing.base import SparseRouter
 from visionmoe.routing.capacity import compute_capacity
-from visionmoe.routing.plan import (
-    RoutingPlan,
-    concat_plans,
-    router_precision,
-    routing_metrics,
-    split_groups,
-)
+from visionmoe.routing.plan import RoutingPlan
 
 BPR_SCORES = ("max", "sum_topk")
 
@@ -118,13 +111,7 @@ def top_k_dispatch(
     return combine_GSEC, dispatch_GSEC
 
 
-def lecun_normal_(weight: Tensor) -> Tensor:
-    """Truncated-normal LeCun init (fan-in), the default for Flax ``Dense`` kernels."""
-    std = math.sqrt(1.0 / weight.shape[1]) / 0.87962566103423978
-    return nn.init.trunc_normal_(weight, std=std, a=-2 * std, b=2 * std)
-
-
-class TokenChoiceRouter(nn.Module):
+class TokenChoiceRouter(SparseRouter):
     """Noisy top-K softmax router (V-MoE) with optional Batch Priority Routing.
 
     Args:
@@ -159,17 +146,12 @@ class TokenChoiceRouter(nn.Module):
         gshard_weight: float = 0.0,
         z_loss_weight: float = 0.0,
     ) -> None:
-        super().__init__()
         if bpr_score not in BPR_SCORES:
             raise ValueError(f"bpr_score must be one of {BPR_SCORES}, got {bpr_score!r}")
         if noise_std < 0:
             raise ValueError(f"noise_std must be >= 0, got {noise_std!r}")
-        self.num_experts = num_experts
-        self.proj = nn.Linear(dim, num_experts, bias=False)
-        lecun_normal_(self.proj.weight)
+        super().__init__(dim, num_experts, capacity_factor, eval_capacity_factor)
         self.top_k = top_k
-        self.capacity_factor = capacity_factor
-        self.eval_capacity_factor = eval_capacity_factor
         self.noise_std = noise_std
         self.batch_priority = batch_priority
         self.bpr_score = bpr_score
@@ -205,37 +187,6 @@ class TokenChoiceRouter(nn.Module):
     def experts_per_choice(self) -> int:
         """Experts one token chooses among (all of them; E/M for an E^3 member)."""
         return self.num_experts
-
-    @property
-    def active_capacity_factor(self) -> float:
-        if not self.training and self.eval_capacity_factor is not None:
-            return self.eval_capacity_factor
-        return self.capacity_factor
-
-    def forward(self, x_TD: Tensor, group_size: int | None = None) -> tuple[RoutingPlan, Tensor]:
-        """Route T tokens in groups of ``group_size``; returns the plan and clean gates (T, E)."""
-        with torch.autocast(device_type=x_TD.device.type, enabled=False):
-            x_TD = router_precision(x_TD)
-            return self.route_logits(F.linear(x_TD, self.proj.weight.to(x_TD.dtype)), group_size)
-
-    def route_logits(self, logits_TE: Tensor, group_size: int | None) -> tuple[RoutingPlan, Tensor]:
-        """Route from clean logits (T, E'); E' may be a slice of the experts (E^3 members)."""
-        num_experts = logits_TE.shape[-1]
-        parts, aux, gates = [], [], []
-        for split in split_groups(logits_TE.shape[0], group_size):
-            end = split.start + split.num_groups * split.group_size
-            logits_GSE = logits_TE[split.start : end].reshape(
-                split.num_groups, split.group_size, num_experts
-            )
-            plan, aux_G, clean_gates_GSE = self._route_groups(logits_GSE)
-            parts.append(plan)
-            aux.append(aux_G)
-            gates.append(clean_gates_GSE.reshape(-1, num_experts))
-        plan = concat_plans(parts)
-        plan.aux_loss = torch.cat(aux).mean()
-        gates_TE = torch.cat(gates)
-        plan.metrics = routing_metrics(plan, gates_TE)
-        return plan, gates_TE
 
     def _route_groups(self, logits_GSE: Tensor) -> tuple[RoutingPlan, Tensor, Tensor]:
         G, S, E = logits_GSE.shape
