@@ -9,6 +9,7 @@ Both layers take ``x (B, L, D)`` and return ``(y (B, L, D), MoEAux)``; the model
 
 from __future__ import annotations
 
+from collections.abc import MutableMapping
 from dataclasses import dataclass, field
 
 import torch
@@ -37,7 +38,7 @@ class MoEAux:
     """
 
     loss: Tensor
-    metrics: dict[str, Tensor] = field(default_factory=dict)
+    metrics: MutableMapping[str, Tensor] = field(default_factory=dict)
     plan: RoutingPlan | None = None
     gates: Tensor | None = None
 

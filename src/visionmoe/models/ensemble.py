@@ -23,7 +23,7 @@ from torch import Tensor
 
 from visionmoe.layers.dispatch import dispatch
 from visionmoe.layers.moe import MoEAux, SparseMoE
-from visionmoe.routing.plan import RoutingPlan, router_precision, routing_metrics
+from visionmoe.routing.plan import RoutingPlan, lazy_routing_metrics, router_precision
 from visionmoe.routing.top_k import TokenChoiceRouter
 
 
@@ -128,7 +128,7 @@ class EnsembleSparseMoE(SparseMoE):
         gates_TE = x_MTD.new_zeros(B * L, self.router.num_experts)
         for m, g in gates:
             gates_TE[global_of_local + m * L, m * per_member : (m + 1) * per_member] = g
-        merged.metrics = routing_metrics(merged, gates_TE)
+        merged.metrics = lazy_routing_metrics(merged, gates_TE)
         y_TD = dispatch(x_BLD.reshape(B * L, D), merged, self.experts, self.dispatch)
         return y_TD.view(B, L, D), MoEAux(merged.aux_loss, merged.metrics, merged, gates_TE)
 

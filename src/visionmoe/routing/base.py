@@ -14,8 +14,8 @@ from torch import Tensor, nn
 from visionmoe.routing.plan import (
     RoutingPlan,
     concat_plans,
+    lazy_routing_metrics,
     router_precision,
-    routing_metrics,
     split_groups,
 )
 
@@ -73,7 +73,7 @@ class SparseRouter(nn.Module):
         plan = concat_plans(parts)
         plan.aux_loss = torch.cat(aux).mean()
         gates_TE = torch.cat(gates)
-        plan.metrics = routing_metrics(plan, gates_TE)
+        plan.metrics = lazy_routing_metrics(plan, gates_TE)
         return plan, gates_TE
 
     def _route_groups(self, logits_GSE: Tensor) -> tuple[RoutingPlan, Tensor, Tensor]:

@@ -71,16 +71,6 @@ class ExpertChoiceRouter(SparseRouter):
         self.capacity_multiple_of = capacity_multiple_of
         self.batch_priority = False
 
-    def forward(self, x_TD: Tensor, group_size: int | None = None) -> tuple[RoutingPlan, Tensor]:
-        plan, gates_TE = super().forward(x_TD, group_size)
-        with torch.no_grad():
-            per_token = torch.zeros(plan.num_tokens, device=x_TD.device).index_add_(
-                0, plan.token_idx, plan.keep.float()
-            )
-            plan.metrics["experts_per_token_min"] = per_token.min()
-            plan.metrics["experts_per_token_max"] = per_token.max()
-        return plan, gates_TE
-
     def _route_groups(self, logits_GSE: Tensor) -> tuple[RoutingPlan, Tensor, Tensor]:
         G, S, E = logits_GSE.shape
         sigma = self.noise_std / E

@@ -12,10 +12,44 @@ parallelism) and a compact one that touches only kept assignments (CPU).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, MutableMapping
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
+
+
+class LazyMetrics(MutableMapping):
+    """A metrics dict computed on first access.
+
+    Routing statistics are a dozen small reductions per layer; training logs them every few
+    steps and benchmarks never, so the forward pass only records how to compute them.
+    """
+
+    def __init__(self, compute: Callable[[], dict[str, Tensor]]):
+        self._compute: Callable[[], dict[str, Tensor]] | None = compute
+        self._data: dict[str, Tensor] = {}
+
+    def _materialize(self) -> dict[str, Tensor]:
+        if self._compute is not None:
+            computed, self._compute = self._compute(), None
+            self._data = {**computed, **self._data}
+        return self._data
+
+    def __getitem__(self, key: str) -> Tensor:
+        return self._materialize()[key]
+
+    def __setitem__(self, key: str, value: Tensor) -> None:
+        self._data[key] = value
+
+    def __delitem__(self, key: str) -> None:
+        del self._materialize()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._materialize())
+
+    def __len__(self) -> int:
+        return len(self._materialize())
 
 
 @dataclass
@@ -47,7 +81,7 @@ class RoutingPlan:
     capacity: int
     assignments_per_token: int
     aux_loss: Tensor
-    metrics: dict[str, Tensor] = field(default_factory=dict)
+    metrics: MutableMapping[str, Tensor] = field(default_factory=dict)
 
     @property
     def buffer_idx(self) -> Tensor:
@@ -122,7 +156,8 @@ def routing_metrics(plan: RoutingPlan, gates_TE: Tensor) -> dict[str, Tensor]:
     expert; ``importance_cv2``, ``load_cv2``; ``dropped_frac`` tokens with no kept assignment;
     ``assignments_dropped_frac``; ``router_entropy`` mean per-token entropy; ``marginal_entropy``
     entropy of the mean gate; ``top1_gate``; ``capacity_used`` kept / (E * capacity);
-    ``compute_frac`` kept / (T * assignments_per_token); ``tokens_processed`` kept count.
+    ``compute_frac`` kept / (T * assignments_per_token); ``tokens_processed`` kept count;
+    ``experts_per_token_min`` / ``_max`` kept assignments per token.
     """
     with torch.no_grad():
         gates_TE = gates_TE.float()
@@ -155,4 +190,12 @@ def routing_metrics(plan: RoutingPlan, gates_TE: Tensor) -> dict[str, Tensor]:
             "capacity_used": kept / max(num_experts * plan.capacity, 1),
             "compute_frac": kept / max(total, 1),
             "tokens_processed": kept,
+            "experts_per_token_min": per_token_T.min(),
+            "experts_per_token_max": per_token_T.max(),
         }
+
+
+def lazy_routing_metrics(plan: RoutingPlan, gates_TE: Tensor) -> LazyMetrics:
+    """:func:`routing_metrics`, computed when first read."""
+    gates_TE = gates_TE.detach()
+    return LazyMetrics(lambda: routing_metrics(plan, gates_TE))
