@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Callable
+from dataclasses import replace
 
 from visionmoe.models.config import MoEConfig, ViTConfig
+from visionmoe.models.limoe import TextConfig
 from visionmoe.models.variants import every_n
 from visionmoe.train.config import (
     DataConfig,
@@ -93,6 +95,38 @@ def digits_vit() -> ExperimentConfig:
     Expected: test accuracy ~0.97; about 1.5 minutes on 2 CPU cores.
     """
     return _digits("digits_vit", ViTConfig(**{**_DIGITS_VIT, "mlp_dim": 256}))
+
+
+@recipe
+def digits_limoe() -> ExperimentConfig:
+    """LIMoE image-text contrastive model on captioned digits (E=8, K=1, BPR, Every-2).
+
+    One shared encoder for 8x8 digits and generated captions ("a handwritten seven", "the digit
+    7", ...); MoE routing groups mix image and text tokens; per-modality entropy losses.
+    Command: ``visionmoe train --recipe digits_limoe``, then ``visionmoe zeroshot RUN``.
+    Expected: zero-shot test accuracy from digit prompts alone ~0.95 (measured 0.949 / 0.949 /
+    0.940 for train.seed 0 / 1 / 2; 0.80 already at step 400); about 45 seconds on 2 idle CPU
+    cores (800 steps).
+    """
+    moe = MoEConfig(
+        num_experts=8,
+        top_k=1,
+        capacity_factor=1.0,
+        eval_capacity_factor=2.0,
+        group_images=None,
+        batch_priority=True,
+    )
+    model = ViTConfig(
+        **{**_DIGITS_VIT, "num_classes": 0, "classifier": "gap"},
+        moe=moe,
+        moe_layers=every_n(4, 2),
+    )
+    config = _digits("digits_limoe", model, steps=800)
+    return replace(
+        config,
+        train=replace(config.train, eval_every=200, checkpoint_every=200, label_smoothing=0.0),
+        text=TextConfig(max_len=16, embed_dim=64, temperature_init=0.1),
+    )
 
 
 # Fashion-MNIST: 28x28 greyscale, patch 4 -> 49 patches + class token (50 tokens, as S/32@224).

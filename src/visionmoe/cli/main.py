@@ -18,6 +18,8 @@ EXAMPLES = {
     "eval": "visionmoe eval runs/digits_vmoe-... --capacity-factor 0.5 --batch-priority",
     "sweep": "visionmoe sweep runs/digits_vmoe-... --capacity-factors 0.1 0.25 0.5 1 2 4",
     "fewshot": "visionmoe fewshot runs/digits_vmoe-... --shots 1 5 10 25",
+    "zeroshot": "visionmoe zeroshot runs/digits_limoe-...\n"
+    "  visionmoe zeroshot runs/digits_limoe-... --template 'the digit {}' --template '{}'",
     "inspect": "visionmoe inspect runs/digits_vmoe-...",
     "predict": "visionmoe predict runs/digits_vmoe-... my_digit.png",
     "models": "visionmoe models 'vmoe*'",
@@ -98,6 +100,23 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--protocol", choices=["vmoe", "big_vision"], default="vmoe")
 
     p = add(
+        "zeroshot",
+        "zero-shot accuracy of an image-text (LIMoE) run from class prompts alone",
+        "visionmoe.eval.zeroshot.zeroshot_run",
+    )
+    p.add_argument("run")
+    p.add_argument(
+        "--template",
+        dest="templates",
+        action="append",
+        metavar="TEXT",
+        help="prompt template with {} for the class name (repeatable; default: digit prompts)",
+    )
+    p.add_argument("--dataset", help="labelled dataset kind to classify (default: digits)")
+    p.add_argument("--data", help="path of that dataset")
+    p.add_argument("--json", action="store_true", help="print JSON only")
+
+    p = add(
         "inspect",
         "what the routers learned: loads, class x expert heatmaps, patch maps",
         "visionmoe.eval.inspect.inspect_run",
@@ -133,7 +152,9 @@ def _train(args: argparse.Namespace) -> int:
         summary = run_training(
             config, run_dir=args.run_dir, init=args.init, progress=not args.no_progress
         )
-    print(f"test accuracy: {summary['test_accuracy']:.4f}")
+    accuracy = summary["test_accuracy"]
+    label = "zero-shot test accuracy" if "zeroshot_accuracy" in summary else "test accuracy"
+    print(f"{label}: {'n/a' if accuracy is None else f'{accuracy:.4f}'}")
     print(f"run directory: {summary['run_dir']}")
     print(f"  config.json, metrics.jsonl, summary.json, checkpoints/ ({summary['checkpoint']})")
     return 0
@@ -181,6 +202,21 @@ def _log2(value: float) -> str:
     return f"{math.log2(value):g}"
 
 
+def _zeroshot(args: argparse.Namespace) -> int:
+    from visionmoe.eval.zeroshot import zeroshot_run
+
+    result = zeroshot_run(args.run, args.templates, args.dataset, args.data)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(
+            f"zero-shot accuracy {result['accuracy']:.4f} on {result['dataset']} "
+            f"({result['num_examples']} images, {result['num_classes']} classes, "
+            f"prompts e.g. {result['example_prompts']})"
+        )
+    return 0
+
+
 def _inspect(args: argparse.Namespace) -> int:
     from visionmoe.eval.inspect import inspect_run
 
@@ -219,6 +255,7 @@ COMMANDS = {
     "eval": _eval,
     "sweep": _sweep,
     "fewshot": _fewshot,
+    "zeroshot": _zeroshot,
     "inspect": _inspect,
     "predict": _predict,
     "models": _models,

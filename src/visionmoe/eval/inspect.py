@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from visionmoe.train.config import ExperimentConfig
 
 
 def inspect_run(
@@ -22,8 +28,10 @@ def inspect_run(
     from visionmoe.train.run import load_run
 
     model, config = load_run(run)
-    test = load_splits(config.data).test
     out = Path(out_dir) if out_dir else Path(run) / "inspect"
+    if config.text is not None:
+        return _inspect_limoe(run, model, config, out, max_images)
+    test = load_splits(config.data).test
     return inspect_model(
         model,
         test,
@@ -35,4 +43,34 @@ def inspect_run(
         max_images=max_images,
         title=f"Routing report: {config.name}",
         progress=progress,
+    )
+
+
+def _inspect_limoe(
+    run: str, model: nn.Module, config: ExperimentConfig, out: Path, max_images: int
+) -> Path:
+    """Expert usage by modality on the run's test pairs, plus its zero-shot accuracy."""
+    from visionmoe.data.text import Tokenizer
+    from visionmoe.eval.report import inspect_limoe_model
+    from visionmoe.train.contrastive import load_caption_splits
+
+    test = load_caption_splits(config).test
+    n = min(len(test), max_images)
+    tokens = Tokenizer().encode_batch([c[0] for c in test.captions[:n]], config.text.max_len)
+    summary = []
+    if config.data.kind == "digits":
+        from visionmoe.eval.zeroshot import zeroshot_run
+
+        accuracy = zeroshot_run(run)["accuracy"]
+        summary.append(("zero-shot accuracy (digit prompts)", f"{accuracy:.4f}"))
+    return inspect_limoe_model(
+        model,
+        test.images[:n],
+        tokens,
+        config.model.image_size,
+        config.model.in_chans,
+        out,
+        batch_size=config.train.batch_size,
+        title=f"LIMoE routing report: {config.name}",
+        summary=summary,
     )

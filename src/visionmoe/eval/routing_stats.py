@@ -24,9 +24,12 @@ from visionmoe.routing.expert_choice import ExpertChoiceRouter
 from visionmoe.routing.plan import RoutingPlan
 
 __all__ = [
+    "MODALITY_ROWS",
     "NO_MOE_MESSAGE",
     "LayerRouting",
+    "ModalityRouting",
     "RoutingStats",
+    "collect_modality_routing",
     "collect_routing",
     "moe_layers",
     "plan_token_routing",
@@ -303,3 +306,74 @@ def collect_routing(
         batch_priority=batch_priority,
         predictions=predictions,
     )
+
+
+@dataclass
+class ModalityRouting:
+    """Expert usage of an image-text (LIMoE) model, per MoE block and modality.
+
+    Attributes:
+      load: block -> (2, E) per modality (rows ``MODALITY_ROWS``), the fraction of its kept
+        assignments that went to each expert.
+      counts: block -> (2, E) kept assignment counts behind ``load``.
+      metrics: block -> modality -> scalar metrics reduced over batches (see ``_REDUCE``);
+        modality ``"mixed"`` holds the metrics of the whole mixed routing pool.
+      num_pairs: image-text pairs routed.
+    """
+
+    load: dict[int, np.ndarray]
+    counts: dict[int, np.ndarray]
+    metrics: dict[int, dict[str, dict[str, float]]]
+    num_pairs: int
+
+
+MODALITY_ROWS = ("image", "text")
+
+
+def collect_modality_routing(
+    model: nn.Module,
+    images_uint8: np.ndarray,
+    tokens: torch.Tensor,
+    image_size: int,
+    channels: int,
+    batch_size: int = 256,
+) -> ModalityRouting:
+    """Route image-text pairs through a LIMoE ``model`` together (as in training), in eval mode.
+
+    Pairs are batched as in training, so routing groups mix image and text tokens and the two
+    modalities compete for capacity; the model's train/eval mode is restored afterwards.
+    """
+    layers = moe_layers(model)
+    if not layers:
+        raise ValueError(NO_MOE_MESSAGE)
+    N = len(images_uint8)
+    if tokens.shape[0] != N:
+        raise ValueError(f"{N} images but {tokens.shape[0]} texts")
+    counts = {i: np.zeros((2, m.router.num_experts), dtype=np.int64) for i, m in layers.items()}
+    accumulators: dict[int, dict[str, _MetricAccumulator]] = {i: {} for i in layers}
+    was_training = model.training
+    device, dtype = _model_device_dtype(model)
+    try:
+        model.eval()
+        with torch.no_grad():
+            for start in range(0, N, batch_size):
+                chunk = images_uint8[start : start + batch_size]
+                x = to_model_input(chunk, image_size, channels).to(device=device, dtype=dtype)
+                _, aux = model(x, tokens[start : start + batch_size].to(device), return_aux=True)
+                for index, layer in aux.layers.items():
+                    plan = layer.moe.plan
+                    kept = plan.keep.cpu().numpy()
+                    text = layer.is_text[plan.token_idx].cpu().numpy()
+                    expert = plan.expert_idx.cpu().numpy()
+                    for row, is_text in enumerate((False, True)):
+                        sel = kept & (text == is_text)
+                        counts[index][row] += np.bincount(expert[sel], minlength=plan.num_experts)
+                    groups = {"mixed": layer.moe.metrics, **layer.modality}
+                    for name, metrics in groups.items():
+                        acc = accumulators[index].setdefault(name, _MetricAccumulator())
+                        acc.add(metrics, len(chunk))
+    finally:
+        model.train(was_training)
+    load = {i: c / np.maximum(c.sum(axis=1, keepdims=True), 1) for i, c in counts.items()}
+    metrics = {i: {k: a.result() for k, a in accs.items()} for i, accs in accumulators.items()}
+    return ModalityRouting(load=load, counts=counts, metrics=metrics, num_pairs=N)

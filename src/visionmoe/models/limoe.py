@@ -26,6 +26,7 @@ J joint embedding width (``TextConfig.embed_dim``).
 from __future__ import annotations
 
 import math
+from collections.abc import MutableMapping
 from dataclasses import dataclass, field, fields, replace
 
 import torch
@@ -38,7 +39,7 @@ from visionmoe.layers.moe import MoEAux, SparseMoE
 from visionmoe.models.config import ViTConfig
 from visionmoe.models.vit import VisionTransformer
 from visionmoe.routing.entropy import entropy, global_entropy_loss, local_entropy_loss
-from visionmoe.routing.plan import RoutingPlan, concat_plans, routing_metrics
+from visionmoe.routing.plan import LazyMetrics, RoutingPlan, concat_plans, lazy_routing_metrics
 
 PAD_ID = 0  # the pad id of visionmoe.data.text.Tokenizer
 MODALITIES = ("image", "text")
@@ -159,7 +160,7 @@ class LIMoELayerAux:
     loss: Tensor
     moe: MoEAux
     is_text: Tensor
-    modality: dict[str, dict[str, Tensor]] = field(default_factory=dict)
+    modality: dict[str, MutableMapping[str, Tensor]] = field(default_factory=dict)
 
 
 @dataclass
@@ -356,12 +357,12 @@ class LIMoE(nn.Module):
         gates_TE = torch.cat(gates)
         if len(plans) > 1:
             plan.aux_loss = torch.stack(aux).mean()
-            plan.metrics = routing_metrics(plan, gates_TE)
+            plan.metrics = lazy_routing_metrics(plan, gates_TE)
         y_sorted = dispatch(x_TD, plan, moe.experts, moe.dispatch)
         y_TD = torch.zeros_like(y_sorted).index_copy(0, order_T, y_sorted)
         tc = self.text_config
         loss = plan.aux_loss if tc.keep_classic_losses else gates_TE.new_zeros(())
-        modality_out: dict[str, dict[str, Tensor]] = {}
+        modality_out: dict[str, MutableMapping[str, Tensor]] = {}
         for modality, mask_T in zip(MODALITIES, (~is_text_T, is_text_T), strict=True):
             if not losses[modality]["local"]:
                 continue
@@ -369,7 +370,8 @@ class LIMoE(nn.Module):
             glob = torch.stack(losses[modality]["global"]).mean()
             loss = loss + getattr(tc, f"{modality}_local_weight") * local
             loss = loss + getattr(tc, f"{modality}_global_weight") * glob
-            stats = modality_metrics(plan, gates_TE, mask_T)
+            # Computed when first read: training logs them every few steps only.
+            stats = LazyMetrics(lambda m=mask_T: modality_metrics(plan, gates_TE.detach(), m))
             stats.update(local_entropy_loss=local.detach(), global_entropy_loss=glob.detach())
             modality_out[modality] = stats
         y_img = y_txt = None

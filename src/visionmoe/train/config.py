@@ -17,6 +17,7 @@ from typing import Any
 
 from visionmoe.data import DATASET_KINDS
 from visionmoe.models.config import MoEConfig, ViTConfig
+from visionmoe.models.limoe import TextConfig
 from visionmoe.models.registry import MOE_FIELDS, VIT_FIELDS, apply_overrides
 
 OPTIMIZERS = ("adamw", "sgd")
@@ -143,7 +144,11 @@ class TrainConfig:
 
 @dataclass(kw_only=True, frozen=True)
 class ExperimentConfig:
-    """Everything a run needs; saved as ``config.json`` in the run directory."""
+    """Everything a run needs; saved as ``config.json`` in the run directory.
+
+    ``text=None`` is image classification; a :class:`TextConfig` makes the run a LIMoE
+    image-text contrastive one (``model`` is then the shared encoder's backbone).
+    """
 
     name: str
     model: ViTConfig
@@ -151,12 +156,14 @@ class ExperimentConfig:
     optim: OptimConfig
     schedule: ScheduleConfig
     train: TrainConfig
+    text: TextConfig | None = None
 
     def to_dict(self) -> dict:
         return {
             "name": self.name,
             "model": self.model.to_dict(),
             **{s: _plain(getattr(self, s)) for s in ("data", "optim", "schedule", "train")},
+            "text": None if self.text is None else self.text.to_dict(),
         }
 
     @classmethod
@@ -168,6 +175,7 @@ class ExperimentConfig:
             optim=OptimConfig(**data["optim"]),
             schedule=ScheduleConfig(**data["schedule"]),
             train=TrainConfig(**data["train"]),
+            text=None if data.get("text") is None else TextConfig(**data["text"]),
         )
 
     def to_json(self) -> str:
@@ -183,6 +191,7 @@ _SECTIONS = {
     "optim": OptimConfig,
     "schedule": ScheduleConfig,
     "train": TrainConfig,
+    "text": TextConfig,
 }
 
 
@@ -261,6 +270,10 @@ def apply_set(config: ExperimentConfig, assignments: list[str]) -> ExperimentCon
             raise ValueError(
                 f"unknown config section {section!r} in {item!r}; sections are "
                 f"{['model', *_SECTIONS]}"
+            )
+        if section == "text" and config.text is None:
+            raise ValueError(
+                f"{item!r}: text.* options need an image-text (LIMoE) recipe such as digits_limoe"
             )
         types_ = _field_types(_SECTIONS[section])
         if name not in types_:

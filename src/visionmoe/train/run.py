@@ -9,7 +9,9 @@ from datetime import datetime
 from pathlib import Path
 
 import torch
+from torch import nn
 
+from visionmoe.models.limoe import LIMoE
 from visionmoe.models.registry import apply_overrides
 from visionmoe.models.vit import VisionTransformer
 from visionmoe.train.checkpoint import (
@@ -31,6 +33,13 @@ DEFAULT_RUNS_DIR = "runs"
 def default_run_dir(name: str) -> Path:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     return Path(os.environ.get("VISIONMOE_RUNS", DEFAULT_RUNS_DIR)) / f"{name}-{stamp}"
+
+
+def build_model(config: ExperimentConfig) -> nn.Module:
+    """The model a config describes: a LIMoE when ``config.text`` is set, else a ViT."""
+    if config.text is not None:
+        return LIMoE(config.model, config.text)
+    return VisionTransformer(config.model)
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -76,6 +85,10 @@ def run_training(
         torch.set_num_threads(config.train.threads)
     torch.manual_seed(config.train.seed)
     atomic_write_text(run_dir / "config.json", config.to_json())
+    if config.text is not None:
+        from visionmoe.train.contrastive import train_contrastive
+
+        return train_contrastive(config, run_dir, ckpt, resume is not None, init, progress)
 
     splits = load_splits(config.data)
     if splits.train.num_classes != config.model.num_classes:
@@ -90,7 +103,7 @@ def run_training(
     test_data = to_tensors(splits.test, config.model)
     atomic_write_text(run_dir / "classes.json", json.dumps(splits.train.class_names))
 
-    model = VisionTransformer(config.model)
+    model = build_model(config)
     optimizer = build_optimizer(model, config.optim)
     notes: list[str] = []
     if ckpt is not None:
@@ -137,8 +150,10 @@ def run_training(
 
 def load_run(
     path: str | os.PathLike, **model_overrides
-) -> tuple[VisionTransformer, ExperimentConfig]:
+) -> tuple[VisionTransformer | LIMoE, ExperimentConfig]:
     """Model (eval mode, latest weights) and config of a run or checkpoint directory.
+
+    Image-text runs (``config.text`` set) come back as a :class:`LIMoE`.
 
     ``model_overrides`` are flat model options applied before the weights load (e.g.
     ``capacity_factor`` or ``dispatch``).
@@ -149,7 +164,7 @@ def load_run(
         config = ExperimentConfig(
             **{**config.__dict__, "model": apply_overrides(config.model, **model_overrides)}
         )
-    model = VisionTransformer(config.model)
+    model = build_model(config)
     model.load_state_dict(ckpt["model"])
     return model.eval(), config
 
