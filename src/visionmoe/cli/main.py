@@ -14,7 +14,10 @@ EXAMPLES = {
     "train": "visionmoe train\n  visionmoe train --recipe digits_vit --set train.steps=500\n"
     "  visionmoe train --recipe fashion_mnist_vmoe --data ../shared/data/fashion_mnist.npz\n"
     "  visionmoe train --resume runs/digits_vmoe-20261122-101500\n"
-    "  visionmoe train --recipe digits_vmoe --init runs/OTHER --set model.capacity_factor=1.5",
+    "  visionmoe train --recipe digits_vmoe --init runs/OTHER --set model.capacity_factor=1.5\n"
+    "  visionmoe train --init upcycled/   # the architecture and settings saved in upcycled/\n"
+    "  torchrun --standalone --nproc-per-node 2 -m visionmoe.distributed.train \\\n"
+    "      --recipe digits_vmoe",
     "eval": "visionmoe eval runs/digits_vmoe-... --capacity-factor 0.5 --batch-priority",
     "sweep": "visionmoe sweep runs/digits_vmoe-... --capacity-factors 0.1 0.25 0.5 1 2 4",
     "fewshot": "visionmoe fewshot runs/digits_vmoe-... --shots 1 5 10 25",
@@ -23,6 +26,11 @@ EXAMPLES = {
     "inspect": "visionmoe inspect runs/digits_vmoe-...",
     "predict": "visionmoe predict runs/digits_vmoe-... my_digit.png",
     "models": "visionmoe models 'vmoe*'",
+    "convert": "visionmoe convert vmoe ckpts/vmoe_s32_last2_ilsvrc2012_randaug_light1 --out s32 "
+    "--preset vmoe_s32_last2_ilsvrc2012\n"
+    "  visionmoe convert dense vit_s16.safetensors --out vit_s16 --set num_heads=6",
+    "upcycle": "visionmoe upcycle runs/digits_vit-... --out upcycled --set num_experts=8 top_k=2\n"
+    "  visionmoe train --init upcycled",
     "recipes": "visionmoe recipes",
 }
 
@@ -47,7 +55,11 @@ def _parser() -> argparse.ArgumentParser:
         "train (or resume, or fine-tune) a model from a recipe",
         "visionmoe.train.run.run_training",
     )
-    p.add_argument("--recipe", default="digits_vmoe", help="recipe name (see `visionmoe recipes`)")
+    p.add_argument(
+        "--recipe",
+        help="recipe name (see `visionmoe recipes`; default digits_vmoe, or with --init the "
+        "config saved next to those weights)",
+    )
     p.add_argument(
         "--set",
         dest="overrides",
@@ -129,6 +141,42 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("run")
     p.add_argument("images", nargs="+")
 
+    p = add(
+        "convert",
+        "convert official V-MoE checkpoints or dense ViT weights to a save_pretrained folder",
+        "visionmoe.convert.convert_vmoe_cli / convert_dense_cli",
+    )
+    p.add_argument("kind", choices=["vmoe", "dense"])
+    p.add_argument("source", help="vmoe checkpoint prefix, or a timm/HF/big_vision weights file")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--preset", help="vmoe: a released-model preset (see visionmoe.convert)")
+    p.add_argument("--format", default="auto", help="dense: auto | timm | hf | big_vision")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="model options, e.g. num_classes=10 image_size=384",
+    )
+
+    p = add(
+        "upcycle",
+        "sparse upcycling: copy a dense model's MLPs into experts, add fresh routers",
+        "visionmoe.upcycle.upcycle_cli (visionmoe.upcycle for models)",
+    )
+    p.add_argument("source", metavar="RUN_OR_CHECKPOINT")
+    p.add_argument("--out", required=True, help="output folder (use it with train --init)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="num_experts=8 top_k=2 moe_layers=1,3 router=expert_choice "
+        "normalize_combine=true train.steps=500 ...",
+    )
+
     p = add("models", "list registered models", "visionmoe.list_models")
     p.add_argument("pattern", nargs="?", default="*")
     add("recipes", "list training recipes", "configs.list_recipes")
@@ -136,7 +184,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from configs import get_recipe
     from visionmoe.train.config import apply_set
     from visionmoe.train.run import run_training
 
@@ -148,7 +195,7 @@ def _train(args: argparse.Namespace) -> int:
             raise ValueError("--resume continues a run as configured; drop --set/--data/--init")
         summary = run_training(resume=args.resume, progress=not args.no_progress)
     else:
-        config = apply_set(get_recipe(args.recipe), overrides)
+        config = apply_set(_base_config(args.recipe, args.init), overrides)
         summary = run_training(
             config, run_dir=args.run_dir, init=args.init, progress=not args.no_progress
         )
@@ -157,6 +204,41 @@ def _train(args: argparse.Namespace) -> int:
     print(f"{label}: {'n/a' if accuracy is None else f'{accuracy:.4f}'}")
     print(f"run directory: {summary['run_dir']}")
     print(f"  config.json, metrics.jsonl, summary.json, checkpoints/ ({summary['checkpoint']})")
+    return 0
+
+
+def _base_config(recipe: str | None, init: str | None):
+    """The named recipe; else, with ``--init``, the config saved with those weights."""
+    from configs import get_recipe
+    from visionmoe.train.checkpoint import load_checkpoint
+    from visionmoe.train.config import ExperimentConfig
+
+    if recipe is None and init is not None:
+        saved = Path(init) / "config.json"
+        if saved.is_file():
+            return ExperimentConfig.from_dict(json.loads(saved.read_text()))
+        return ExperimentConfig.from_dict(load_checkpoint(init)["meta"]["config"])
+    return get_recipe(recipe or "digits_vmoe")
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from visionmoe.convert import convert_dense_cli, convert_vmoe_cli
+    from visionmoe.train.config import parse_model_options
+
+    overrides = parse_model_options(args.overrides)
+    if args.kind == "vmoe":
+        out = convert_vmoe_cli(args.source, args.out, args.preset, overrides)
+    else:
+        out = convert_dense_cli(args.source, args.out, args.format, overrides)
+    print(f"wrote {out} (load it with visionmoe.from_pretrained)")
+    return 0
+
+
+def _upcycle(args: argparse.Namespace) -> int:
+    from visionmoe.upcycle import upcycle_cli
+
+    out = upcycle_cli(args.source, args.out, args.overrides)
+    print(f"wrote {out}; continue training with: visionmoe train --init {out}")
     return 0
 
 
@@ -172,6 +254,12 @@ def _eval(args: argparse.Namespace) -> int:
             f"compute {result['compute_frac']:.3f} of token-expert assignments  "
             f"{result['seconds']:.2f}s ({result['images_per_s']:.0f} img/s)"
         )
+        if "ece" in result:
+            members = ", ".join(f"{a:.4f}" for a in result["member_accuracy"])
+            print(
+                f"ensemble NLL {result['loss']:.4f}  ECE {result['ece']:.4f}  "
+                f"member accuracy {members}"
+            )
     return 0
 
 
@@ -258,6 +346,8 @@ COMMANDS = {
     "zeroshot": _zeroshot,
     "inspect": _inspect,
     "predict": _predict,
+    "convert": _convert,
+    "upcycle": _upcycle,
     "models": _models,
     "recipes": _recipes,
 }

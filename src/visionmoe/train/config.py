@@ -240,11 +240,30 @@ def parse_value(text: str, annotation: Any, key: str) -> Any:
     raise ValueError(f"cannot parse {key} of type {annotation}")
 
 
+def parse_model_options(items: list[str]) -> dict[str, Any]:
+    """Typed flat model options from ``key=value`` strings (ViT or MoE field names)."""
+    vit_types, moe_types = _field_types(ViTConfig), _field_types(MoEConfig)
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        name = key.strip().removeprefix("model.").removeprefix("moe.")
+        if not sep:
+            raise ValueError(f"model option {item!r} must look like key=value")
+        if name in VIT_FIELDS:
+            out[name] = parse_value(text, vit_types[name], f"model.{name}")
+        elif name in MOE_FIELDS:
+            out[name] = parse_value(text, moe_types[name], f"model.{name}")
+        else:
+            close = difflib.get_close_matches(name, sorted(VIT_FIELDS | MOE_FIELDS), n=3)
+            hint = f"; did you mean {', '.join('model.' + c for c in close)}?" if close else ""
+            raise ValueError(f"unknown config key 'model.{name}'{hint}")
+    return out
+
+
 def apply_set(config: ExperimentConfig, assignments: list[str]) -> ExperimentConfig:
     """Apply ``section.field=value`` overrides; ``model.*`` accepts ViT and MoE field names."""
     by_section: dict[str, dict[str, Any]] = {}
     model_updates: dict[str, Any] = {}
-    vit_types, moe_types = _field_types(ViTConfig), _field_types(MoEConfig)
     for item in assignments:
         if "=" not in item or "." not in item.split("=", 1)[0]:
             raise ValueError(
@@ -255,16 +274,7 @@ def apply_set(config: ExperimentConfig, assignments: list[str]) -> ExperimentCon
         if section == "name":
             raise ValueError("the run name is set with --name")
         if section == "model":
-            if name.startswith("moe."):
-                name = name[4:]
-            if name in VIT_FIELDS:
-                model_updates[name] = parse_value(text, vit_types[name], key)
-            elif name in MOE_FIELDS:
-                model_updates[name] = parse_value(text, moe_types[name], key)
-            else:
-                close = difflib.get_close_matches(name, sorted(VIT_FIELDS | MOE_FIELDS), n=3)
-                hint = f"; did you mean {', '.join('model.' + c for c in close)}?" if close else ""
-                raise ValueError(f"unknown config key {key!r}{hint}")
+            model_updates.update(parse_model_options([f"{name}={text}"]))
             continue
         if section not in _SECTIONS:
             raise ValueError(

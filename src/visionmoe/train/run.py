@@ -77,6 +77,11 @@ def run_training(
         except CheckpointError:
             if (run_dir / "checkpoints" / "latest").exists():
                 raise
+            if (run_dir / "sharded" / "latest").exists():
+                raise ValueError(
+                    f"{run_dir} is an interrupted distributed run; resume it with torchrun ... "
+                    f"-m visionmoe.distributed.train --resume {run_dir}"
+                ) from None
     if config is None:
         raise ValueError("run_training needs a config or a run to resume")
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(config.name)
