@@ -43,10 +43,11 @@ class ModelAux:
 
 def build_ffn(config: ViTConfig, index: int) -> nn.Module:
     """The FFN of block ``index``: dense MLP, or the configured MoE layer."""
-    d, f = config.hidden_size, config.mlp_dim
+    # Widened blocks (dense twins, models upcycled from them) get wide experts too.
+    d, f = config.hidden_size, config.mlp_dim_at_block(index)
     moe = config.moe
     if index not in config.moe_layers or moe is None:
-        return Mlp(d, config.mlp_dim_at_block(index), config.gelu, config.dropout)
+        return Mlp(d, f, config.gelu, config.dropout)
     tokens = config.tokens_at_block(index)
     if moe.router == "soft":
         return SoftMoE(
