@@ -9,28 +9,24 @@ from PIL import Image
 
 from visionmoe.cli.main import main
 
-TINY = [
-    "model.hidden_size=16",
-    "model.mlp_dim=32",
-    "model.num_heads=2",
-    "model.num_layers=2",
-    "model.moe_layers=1",
-    "model.num_experts=4",
+SCHEDULE = [
     "data.max_train_examples=512",
     "train.batch_size=32",
     "train.steps=30",
     "train.eval_every=100",
     "train.checkpoint_every=30",
     "schedule.warmup_steps=5",
-    "train.threads=1",
 ]
 FASHION = Path(__file__).resolve().parents[3] / "shared" / "data" / "fashion_mnist.npz"
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
+def run_dir(tmp_path_factory, tiny_model):
     out = tmp_path_factory.mktemp("runs") / "tiny"
-    assert main(["train", "--no-progress", "--run-dir", str(out), "--set", *TINY]) == 0
+    assert (
+        main(["train", "--no-progress", "--run-dir", str(out), "--set", *tiny_model, *SCHEDULE])
+        == 0
+    )
     return out
 
 

@@ -12,13 +12,7 @@ from visionmoe.eval.zeroshot import class_embeddings, resolve_prompts, zeroshot_
 from visionmoe.train.config import apply_set
 from visionmoe.train.run import load_run, run_training
 
-TINY = [
-    "model.hidden_size=16",
-    "model.mlp_dim=32",
-    "model.num_heads=2",
-    "model.num_layers=2",
-    "model.moe_layers=1",
-    "model.num_experts=4",
+SCHEDULE = [
     "text.embed_dim=8",
     "data.max_train_examples=256",
     "train.batch_size=32",
@@ -27,14 +21,15 @@ TINY = [
     "train.eval_batch_size=512",
     "train.checkpoint_every=8",
     "schedule.warmup_steps=2",
-    "train.threads=1",
 ]
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
+def run_dir(tmp_path_factory, tiny_model):
     out = tmp_path_factory.mktemp("runs") / "limoe"
-    run_training(apply_set(get_recipe("digits_limoe"), TINY), run_dir=out, progress=False)
+    run_training(
+        apply_set(get_recipe("digits_limoe"), [*tiny_model, *SCHEDULE]), run_dir=out, progress=False
+    )
     return out
 
 

@@ -12,13 +12,7 @@ from visionmoe.train.checkpoint import atomic_write_text, load_checkpoint
 from visionmoe.train.config import ExperimentConfig, apply_set
 from visionmoe.train.run import load_run, run_training
 
-TINY = [
-    "model.hidden_size=16",
-    "model.mlp_dim=32",
-    "model.num_heads=2",
-    "model.num_layers=2",
-    "model.moe_layers=1",
-    "model.num_experts=4",
+SCHEDULE = [
     "text.embed_dim=8",
     "data.max_train_examples=256",
     "train.batch_size=32",
@@ -27,15 +21,21 @@ TINY = [
     "train.checkpoint_every=6",
     "train.log_every=3",
     "schedule.warmup_steps=2",
-    "train.threads=1",
 ]
 
 
-def tiny(steps: int = 12, extra=()) -> ExperimentConfig:
-    return apply_set(get_recipe("digits_limoe"), [*TINY, f"train.steps={steps}", *extra])
+@pytest.fixture
+def tiny(tiny_model):
+    """A builder of tiny ``digits_limoe`` configs: ``tiny(steps, extra_overrides)``."""
+
+    def build(steps: int = 12, extra=()):
+        overrides = [*tiny_model, *SCHEDULE, f"train.steps={steps}", *extra]
+        return apply_set(get_recipe("digits_limoe"), overrides)
+
+    return build
 
 
-def test_text_section_round_trips_and_is_typed():
+def test_text_section_round_trips_and_is_typed(tiny):
     cfg = tiny(extra=["text.temperature_init=0.05", "text.tau_text=none", "text.max_len=12"])
     assert cfg.text.temperature_init == 0.05 and cfg.text.tau_text is None
     assert ExperimentConfig.from_dict(json.loads(cfg.to_json())) == cfg
@@ -49,7 +49,7 @@ def test_text_section_round_trips_and_is_typed():
     assert ExperimentConfig.from_dict(old).text is None
 
 
-def test_contrastive_run_writes_run_dir_and_resumes_exactly(tmp_path):
+def test_contrastive_run_writes_run_dir_and_resumes_exactly(tmp_path, tiny):
     run_dir = tmp_path / "run"
     summary = run_training(tiny(12), run_dir=run_dir, progress=False)
     for name in ("config.json", "metrics.jsonl", "summary.json", "classes.json"):

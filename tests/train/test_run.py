@@ -15,28 +15,28 @@ from visionmoe.train.checkpoint import load_checkpoint
 from visionmoe.train.config import apply_set
 from visionmoe.train.run import load_run, run_training
 
-TINY = [
-    "model.hidden_size=16",
-    "model.mlp_dim=32",
-    "model.num_heads=2",
-    "model.num_layers=2",
-    "model.moe_layers=1",
-    "model.num_experts=4",
+SCHEDULE = [
     "data.max_train_examples=512",
     "train.batch_size=32",
     "train.eval_every=20",
     "train.checkpoint_every=10",
     "train.log_every=5",
     "schedule.warmup_steps=5",
-    "train.threads=1",
 ]
 
 
-def tiny(steps=40, extra=()):
-    return apply_set(get_recipe("digits_vmoe"), [*TINY, f"train.steps={steps}", *extra])
+@pytest.fixture
+def tiny(tiny_model):
+    """A builder of tiny ``digits_vmoe`` configs: ``tiny(steps, extra_overrides)``."""
+
+    def build(steps: int = 40, extra=()):
+        overrides = [*tiny_model, *SCHEDULE, f"train.steps={steps}", *extra]
+        return apply_set(get_recipe("digits_vmoe"), overrides)
+
+    return build
 
 
-def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
+def test_sigkill_then_resume_matches_uninterrupted(tmp_path, tiny, tiny_model):
     steps = 60
     reference = run_training(tiny(steps), run_dir=tmp_path / "ref", progress=False)
 
@@ -50,7 +50,8 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
         "--run-dir",
         str(run_dir),
         "--set",
-        *TINY,
+        *tiny_model,
+        *SCHEDULE,
         f"train.steps={steps}",
     ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -78,7 +79,7 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
     assert [json.loads(x)["step"] for x in ref_log] == [json.loads(x)["step"] for x in new_log]
 
 
-def test_finetune_new_head_and_resized_pos_embed(tmp_path):
+def test_finetune_new_head_and_resized_pos_embed(tmp_path, tiny):
     run_training(tiny(10), run_dir=tmp_path / "base", progress=False)
     cfg = tiny(5, ["model.image_size=16", "model.capacity_factor=1.5"])
     summary = run_training(cfg, run_dir=tmp_path / "ft", init=tmp_path / "base", progress=False)
@@ -88,7 +89,7 @@ def test_finetune_new_head_and_resized_pos_embed(tmp_path):
     assert config.model.moe.capacity_factor == 1.5
 
 
-def test_load_weights_into_new_head(tmp_path):
+def test_load_weights_into_new_head(tmp_path, tiny):
     from visionmoe.models.vit import VisionTransformer
     from visionmoe.train.finetune import load_init_weights
 
