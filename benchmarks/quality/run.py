@@ -332,8 +332,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--out", type=Path, default=Path("runs/quality"))
     parser.add_argument("--results", type=Path, default=Path("benchmarks/quality/results"))
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     args = parser.parse_args(argv)
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     data = DataConfig(kind="npz", path=args.data)
     test = to_tensors(load_splits(data).test, BASE)
     began = time.perf_counter()
@@ -341,7 +342,7 @@ def main(argv: list[str] | None = None) -> None:
     report = {
         "command": "python -m benchmarks.quality.run --data DATA --seeds "
         + " ".join(map(str, args.seeds))
-        + f" --steps {args.steps}",
+        + f" --steps {args.steps} --threads {args.threads}",
         "seeds": args.seeds,
         "steps": args.steps,
         "per_seed": per_seed,
