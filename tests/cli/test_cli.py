@@ -53,11 +53,24 @@ def test_eval_reports_accuracy_and_compute(run_dir, capsys):
 
 def test_sweep_writes_table_json_and_plot(run_dir, tmp_path, capsys):
     assert (
-        main(["sweep", str(run_dir), "--capacity-factors", "0.25", "4", "--out", str(tmp_path)])
+        main(
+            [
+                "sweep",
+                str(run_dir),
+                "--capacity-factors",
+                "0.25",
+                "4",
+                "--out",
+                str(tmp_path),
+                "--orders",
+                "2",
+            ]
+        )
         == 0
     )
-    rows = json.loads((tmp_path / "sweep.json").read_text())["rows"]
-    assert [r["capacity_factor"] for r in rows] == [0.25, 4.0]
+    sweep = json.loads((tmp_path / "sweep.json").read_text())
+    rows = sweep["rows"]
+    assert [r["capacity_factor"] for r in rows] == [0.25, 4.0] and sweep["orders"] == 2
     # At cf=4 nothing is dropped, so BPR and vanilla agree exactly.
     assert rows[1]["bpr_accuracy"] == rows[1]["vanilla_accuracy"]
     assert rows[1]["bpr_compute_frac"] == pytest.approx(1.0)

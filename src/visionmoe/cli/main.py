@@ -99,6 +99,12 @@ def _parser() -> argparse.ArgumentParser:
         default=[0.1, 0.25, 0.5, 0.75, 1.0, 1.25, 2.0, 4.0],
     )
     p.add_argument("--out", help="output directory (default RUN/sweep)")
+    p.add_argument(
+        "--orders",
+        type=int,
+        default=1,
+        help="average over this many random test-set orders (routing groups change)",
+    )
 
     p = add(
         "fewshot",
@@ -266,7 +272,7 @@ def _eval(args: argparse.Namespace) -> int:
 def _sweep(args: argparse.Namespace) -> int:
     from visionmoe.eval.sweep import sweep_run, sweep_table
 
-    result = sweep_run(args.run, tuple(args.capacity_factors), args.out)
+    result = sweep_run(args.run, tuple(args.capacity_factors), args.out, orders=args.orders)
     print(sweep_table(result["rows"]), end="")
     print("wrote " + ", ".join(result["files"]))
     return 0

@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+import torch
+
 from visionmoe.eval.classify import evaluate
 from visionmoe.models.routing_control import set_routing
 
@@ -16,10 +19,14 @@ def sweep_run(
     capacity_factors: tuple[float, ...] = DEFAULT_CAPACITY_FACTORS,
     out_dir: str | None = None,
     batch_size: int | None = None,
+    orders: int = 1,
 ) -> dict:
     """Evaluate a run at each capacity factor with and without BPR.
 
-    Writes ``sweep.json``, ``sweep.md`` and ``sweep.png`` to ``out_dir`` (default
+    Which tokens compete for an expert depends on how the test set is cut into routing groups,
+    so vanilla routing (position order) in particular varies with the order of the test
+    examples; ``orders > 1`` averages the dataset order and ``orders - 1`` seeded random
+    orderings. Writes ``sweep.json``, ``sweep.md`` and ``sweep.png`` to ``out_dir`` (default
     ``RUN/sweep``) and returns the results. ``compute_frac`` is the fraction of token-expert
     assignments processed.
     """
@@ -33,19 +40,28 @@ def sweep_run(
         hasattr(m.router, "bpr_score") for _, m in model.moe_blocks.items() if hasattr(m, "router")
     ):
         raise ValueError(f"run '{run}' has no token-choice MoE layers; nothing to sweep")
+    if orders < 1:
+        raise ValueError(f"orders must be >= 1, got {orders}")
     test = to_tensors(load_splits(config.data).test, config.model)
+    perms = [torch.arange(len(test.y))] + [
+        torch.from_numpy(np.random.default_rng(r).permutation(len(test.y)))
+        for r in range(1, orders)
+    ]
     rows = []
     for cf in sorted(capacity_factors):
         row = {"capacity_factor": cf}
         for label, bpr in (("vanilla", False), ("bpr", True)):
             set_routing(model, capacity_factor=cf, batch_priority=bpr)
-            result = evaluate(model, test.x, test.y, batch_size or config.train.eval_batch_size)
-            row[f"{label}_accuracy"] = result["accuracy"]
-            row[f"{label}_compute_frac"] = result["compute_frac"]
+            results = [
+                evaluate(model, test.x[p], test.y[p], batch_size or config.train.eval_batch_size)
+                for p in perms
+            ]
+            row[f"{label}_accuracy"] = float(np.mean([r["accuracy"] for r in results]))
+            row[f"{label}_compute_frac"] = float(np.mean([r["compute_frac"] for r in results]))
         rows.append(row)
     out = Path(out_dir) if out_dir else Path(run) / "sweep"
     out.mkdir(parents=True, exist_ok=True)
-    result = {"run": str(run), "rows": rows}
+    result = {"run": str(run), "orders": orders, "rows": rows}
     (out / "sweep.json").write_text(json.dumps(result, indent=2))
     (out / "sweep.md").write_text(sweep_table(rows))
     from visionmoe.eval.plots import plot_capacity_sweep
