@@ -1,8 +1,10 @@
 """The papers' claims at small scale, on Fashion-MNIST (run manually; results are committed).
 
-Command (about 40 minutes on 2 CPU cores for 3 seeds)::
+Command (about 20 minutes of one CPU core per seed at 600 steps; seeds can run as parallel
+jobs, then be combined)::
 
     python -m benchmarks.quality.run --data ../shared/data/fashion_mnist.npz --seeds 0 1 2
+    # or: one job per seed (--seeds 0, --seeds 1, ...), then --seeds 0 1 2 --merge-only
 
 Experiments (all models: 28x28 inputs, patch 4 -> 49 patches, width 64, 4 blocks, GAP head,
 the same optimizer, schedule, batch and steps):
@@ -149,15 +151,22 @@ def images_per_second(model: torch.nn.Module, x: torch.Tensor, repeats: int = 5)
     return len(x) / statistics.median(times)
 
 
+def cached_or_train(config: ExperimentConfig, run_dir: Path, init: Path | None = None) -> dict:
+    """Train, or reuse a finished run of the same config (lets seeds run as separate jobs)."""
+    summary_file, config_file = run_dir / "summary.json", run_dir / "config.json"
+    if summary_file.is_file() and config_file.is_file():
+        if json.loads(config_file.read_text()) == json.loads(config.to_json()):
+            return json.loads(summary_file.read_text())
+    return run_training(config, run_dir=run_dir, init=init, progress=False)
+
+
 def run_seed(data: str, seed: int, steps: int, out: Path, test) -> dict:
     cfgs = models()
     result: dict = {}
     runs: dict[str, Path] = {}
     for name in ("dense", "vmoe", "token_choice", "expert_choice", "soft", "e3", "merger"):
         run_dir = out / f"seed{seed}" / name
-        summary = run_training(
-            experiment(name, cfgs[name], data, seed, steps), run_dir=run_dir, progress=False
-        )
+        summary = cached_or_train(experiment(name, cfgs[name], data, seed, steps), run_dir)
         runs[name] = run_dir
         model, _ = load_run(run_dir)
         metrics = evaluate(model, test.x, test.y, 500)
@@ -333,12 +342,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/quality"))
     parser.add_argument("--results", type=Path, default=Path("benchmarks/quality/results"))
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    parser.add_argument(
+        "--merge-only",
+        action="store_true",
+        help="only combine the per-seed results already written (seeds run as separate jobs)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     data = DataConfig(kind="npz", path=args.data)
     test = to_tensors(load_splits(data).test, BASE)
     began = time.perf_counter()
-    per_seed = [run_seed(args.data, s, args.steps, args.out, test) for s in args.seeds]
+    args.results.mkdir(parents=True, exist_ok=True)
+    per_seed = []
+    for seed in args.seeds:
+        path = args.results / f"seed{seed}.json"
+        if not args.merge_only:
+            path.write_text(json.dumps(run_seed(args.data, seed, args.steps, args.out, test)))
+        per_seed.append(json.loads(path.read_text()))
     report = {
         "command": "python -m benchmarks.quality.run --data DATA --seeds "
         + " ".join(map(str, args.seeds))
@@ -350,7 +370,6 @@ def main(argv: list[str] | None = None) -> None:
         "seconds": time.perf_counter() - began,
         "torch": torch.__version__,
     }
-    args.results.mkdir(parents=True, exist_ok=True)
     (args.results / "quality.json").write_text(json.dumps(report, indent=2))
     (args.results / "quality.md").write_text(markdown(report))
     print(markdown(report))

@@ -84,6 +84,8 @@ def run_training(
                 ) from None
     if config is None:
         raise ValueError("run_training needs a config or a run to resume")
+    # Load the data first: a bad dataset path fails before anything is written.
+    splits = load_splits(config.data) if config.text is None else None
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(config.name)
     run_dir.mkdir(parents=True, exist_ok=True)
     if config.train.threads:
@@ -95,7 +97,6 @@ def run_training(
 
         return train_contrastive(config, run_dir, ckpt, resume is not None, init, progress)
 
-    splits = load_splits(config.data)
     if splits.train.num_classes != config.model.num_classes:
         config = ExperimentConfig(
             **{
