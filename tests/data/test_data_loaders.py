@@ -24,7 +24,7 @@ from visionmoe.data import (
     load_npz,
 )
 
-FASHION_NPZ = Path("/work/shared/data/fashion_mnist.npz")
+FASHION_NPZ = Path(__file__).resolve().parents[3] / "shared" / "data" / "fashion_mnist.npz"
 
 
 def assert_dataset_error(excinfo: pytest.ExceptionInfo[DatasetError], kind: str, path: object):
