@@ -217,7 +217,7 @@ class ViTConfig:
         return self.num_patches + (1 if self.classifier == "token" else 0)
 
     def mlp_dim_at_block(self, index: int) -> int:
-        """Hidden width of block ``index``'s MLP or experts (dense twins widen former MoE blocks)."""
+        """Hidden width of block ``index``'s MLP or experts (wider in a dense twin's MoE blocks)."""
         return self.mlp_dim * (self.wide_mlp_factor if index in self.wide_mlp_layers else 1)
 
     def tokens_at_block(self, index: int) -> int:
