@@ -334,6 +334,45 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plots(report: dict, out: Path) -> list[Path]:
+    """The capacity sweep (b) and test accuracy per model (a, c, e, f) as PNGs."""
+    from visionmoe.eval.plots import plot_capacity_sweep
+
+    seeds = report["per_seed"]
+    mean = lambda key, i: statistics.mean(s["sweep"][i][key] for s in seeds)  # noqa: E731
+    idx = range(len(CAPACITY_FACTORS))
+    sweep = plot_capacity_sweep(
+        list(CAPACITY_FACTORS),
+        [mean("vanilla", i) for i in idx],
+        [mean("bpr", i) for i in idx],
+        out / "capacity_sweep.png",
+        compute=[mean("bpr_compute", i) for i in idx],
+    )
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = ["dense", "vmoe", "token_choice", "expert_choice", "soft", "e3", "merger"]
+    accs = [[s[n]["accuracy"] for s in seeds] for n in names]
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    ax.bar(
+        names,
+        [statistics.mean(a) for a in accs],
+        yerr=[statistics.stdev(a) if len(a) > 1 else 0 for a in accs],
+        capsize=4,
+    )
+    low = min(min(a) for a in accs)
+    ax.set_ylim(low - 0.02, max(max(a) for a in accs) + 0.01)
+    ax.set_ylabel("test accuracy")
+    ax.set_title(f"Fashion-MNIST, {report['steps']} steps, seeds {report['seeds']}")
+    fig.tight_layout()
+    bars = out / "accuracy.png"
+    fig.savefig(bars, dpi=120)
+    plt.close(fig)
+    return [Path(sweep), bars]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Small-scale reproduction of the papers' claims")
     parser.add_argument("--data", required=True, help="fashion_mnist.npz (x_train, y_train, ...)")
@@ -372,6 +411,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     (args.results / "quality.json").write_text(json.dumps(report, indent=2))
     (args.results / "quality.md").write_text(markdown(report))
+    plots(report, args.results)
     print(markdown(report))
 
 
