@@ -1,4 +1,4 @@
-"""``torch.compile`` of our SparseMoE layer vs eager (issue item 7).
+"""``torch.compile`` of our SparseMoE layer vs eager (performance target 7).
 
 Eager runs the default dispatch (``auto``: compact on CPU). Under compile, ``auto`` resolves to
 the static dispatch, whose shapes depend only on the config, so the layer traces without graph

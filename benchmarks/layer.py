@@ -1,6 +1,6 @@
 """Layer-level benchmarks of our SparseMoE: cost vs a dense FFN, BPR savings, expert GEMM speed.
 
-Families (issue items 1, 3, 4):
+Families (performance targets 1, 3, 4):
 
 - ``layer``: forward+backward time of the MoE layer divided by that of a dense MLP with ``K * F``
   hidden units (the same active FLOPs when no token is dropped) on the same tokens.
@@ -21,7 +21,7 @@ import visionmoe
 from benchmarks.timing import BenchConfig, compare, summarize, timing_ratio, zero_grads
 from visionmoe.layers import Mlp, SparseMoE
 
-# (top_k, capacity factor) pairs the issue asks about.
+# (top_k, capacity factor) pairs with performance targets.
 LAYER_SETTINGS = ((1, 1.0), (2, 1.25))
 DISPATCHES = ("auto", "static")
 LAYER_TARGET = 1.15

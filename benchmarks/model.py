@@ -1,4 +1,4 @@
-"""Whole-model throughput: a V-MoE vs its dense twin with equal active FLOPs (issue item 6).
+"""Whole-model throughput: a V-MoE vs its dense twin with equal active FLOPs (performance target 6).
 
 The twin is the same registered model built with ``moe_layers=()`` (all blocks dense), whose
 blocks at the MoE positions then get a dense MLP with ``K * F`` hidden units: a token that visits

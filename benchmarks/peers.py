@@ -1,4 +1,4 @@
-"""Our layers vs the public PyTorch MoE libraries at the same configuration (issue item 2).
+"""Our layers vs the public PyTorch MoE libraries at the same configuration (performance target 2).
 
 Peers are imported lazily and driven only through their public constructors and ``forward``; a
 peer that is not installed or fails to build or run on CPU is recorded with its error and the

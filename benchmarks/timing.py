@@ -27,7 +27,7 @@ OPS = ("<=", ">=")
 class BenchConfig:
     """Every size and knob the benchmark families read, so tests can shrink all of them at once.
 
-    The defaults are the issue's shapes: T = 16 images x 197 tokens (ViT-S/16 at 224 px with a
+    The defaults are the target shapes: T = 16 images x 197 tokens (ViT-S/16 at 224 px with a
     class token), D = 384, F = 1536, E = 8, fp32 on 2 threads.
     """
 
