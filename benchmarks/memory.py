@@ -1,4 +1,4 @@
-"""Peak CPU memory of MoE forward+backward vs the dense FFN at equal active FLOPs (performance target 5).
+"""Peak CPU memory of MoE forward+backward vs the dense FFN at equal active FLOPs (target 5).
 
 Method: run the step under ``torch.profiler`` with ``profile_memory=True`` and replay the raw
 allocator records (every allocation and free, signed byte counts, CPU device) in time order; the
