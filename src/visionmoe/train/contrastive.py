@@ -37,8 +37,8 @@ from visionmoe.models.limoe import PAD_ID, LIMoE, contrastive_loss
 from visionmoe.train.checkpoint import atomic_write_text, load_checkpoint, resolve_checkpoint
 from visionmoe.train.config import ExperimentConfig
 from visionmoe.train.hooks import Checkpoint, MetricsLog
-from visionmoe.train.loop import Hook, TrainState
-from visionmoe.train.optim import build_optimizer, learning_rate, set_learning_rate
+from visionmoe.train.loop import Hook, TrainState, fit
+from visionmoe.train.optim import build_optimizer
 
 CAPTION_KINDS = ("digits", "folder")
 
@@ -149,23 +149,7 @@ def contrastive_step(
 
 def contrastive_fit(state: TrainState, data: PairData, hooks: Sequence[Hook]) -> TrainState:
     """The fit loop of :mod:`visionmoe.train.loop`, with pair batches and the contrastive step."""
-    config = state.config
-    batches = BatchIterator(len(data), config.train.batch_size, config.train.seed)
-    while state.step < config.train.steps and not state.stop:
-        lr = learning_rate(state.step, config.train.steps, config.optim.lr, config.schedule)
-        set_learning_rate(state.optimizer, lr)
-        x, tokens = pair_batch(data, batches, state.step, config)
-        start = time.perf_counter()
-        state.metrics = contrastive_step(state.model, state.optimizer, x, tokens, config)
-        elapsed = time.perf_counter() - start
-        state.metrics["train/lr"] = lr
-        state.metrics["train/images_per_s"] = len(x) / elapsed if elapsed > 0 else 0.0
-        state.step += 1
-        for hook in hooks:
-            hook.after_step(state)
-    for hook in hooks:
-        hook.at_end(state)
-    return state
+    return fit(state, data, hooks, batch_fn=pair_batch, step_fn=contrastive_step)
 
 
 @torch.no_grad()

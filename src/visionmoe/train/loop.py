@@ -8,7 +8,7 @@ checkpointed. So a run resumed from step ``s`` replays exactly what the uninterr
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -105,19 +105,30 @@ def batch_for_step(
     return x, y
 
 
-def fit(state: TrainState, data: TensorSplit, hooks: Sequence[Hook]) -> TrainState:
-    """Run steps ``state.step .. train.steps - 1``, calling every hook after each step."""
+def fit(
+    state: TrainState,
+    data: TensorSplit,
+    hooks: Sequence[Hook],
+    batch_fn: Callable = batch_for_step,
+    step_fn: Callable = train_step,
+) -> TrainState:
+    """Run steps ``state.step .. train.steps - 1``, calling every hook after each step.
+
+    ``batch_fn(data, batches, step, config) -> (inputs, targets)`` and
+    ``step_fn(model, optimizer, inputs, targets, config) -> metrics`` default to image
+    classification; other tasks (LIMoE's image-text pairs) pass their own.
+    """
     config = state.config
     batches = BatchIterator(len(data), config.train.batch_size, config.train.seed)
     while state.step < config.train.steps and not state.stop:
         lr = learning_rate(state.step, config.train.steps, config.optim.lr, config.schedule)
         set_learning_rate(state.optimizer, lr)
-        x, y = batch_for_step(data, batches, state.step, config)
+        inputs, targets = batch_fn(data, batches, state.step, config)
         start = time.perf_counter()
-        state.metrics = train_step(state.model, state.optimizer, x, y, config)
+        state.metrics = step_fn(state.model, state.optimizer, inputs, targets, config)
         elapsed = time.perf_counter() - start
         state.metrics["train/lr"] = lr
-        state.metrics["train/images_per_s"] = len(y) / elapsed if elapsed > 0 else 0.0
+        state.metrics["train/images_per_s"] = len(inputs) / elapsed if elapsed > 0 else 0.0
         state.step += 1
         for hook in hooks:
             hook.after_step(state)
