@@ -34,7 +34,7 @@ from visionmoe.data.captions import (
 )
 from visionmoe.data.text import Tokenizer
 from visionmoe.models.limoe import PAD_ID, LIMoE, contrastive_loss
-from visionmoe.train.checkpoint import atomic_write_text, load_checkpoint, resolve_checkpoint
+from visionmoe.train.checkpoint import atomic_write_text, resolve_checkpoint
 from visionmoe.train.config import ExperimentConfig
 from visionmoe.train.hooks import Checkpoint, MetricsLog
 from visionmoe.train.loop import Hook, TrainState, fit
@@ -246,7 +246,7 @@ def train_contrastive(
     progress: bool,
 ) -> dict:
     """Train a LIMoE run into ``run_dir`` (``ckpt``: the checkpoint to resume from, if any)."""
-    from visionmoe.train.run import _truncate_metrics
+    from visionmoe.train.run import restore_or_init
 
     tokenizer = Tokenizer()
     if tokenizer.vocab_size > config.text.vocab_size:
@@ -263,17 +263,8 @@ def train_contrastive(
 
     model = LIMoE(config.model, config.text)
     optimizer = build_optimizer(model, config.optim)
-    start_step, notes = 0, []
-    if ckpt is not None:
-        start_step = ckpt["meta"]["step"]
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        torch.set_rng_state(ckpt["rng"])
-        _truncate_metrics(run_dir / "metrics.jsonl", start_step)
-    else:
-        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-        if init is not None:
-            notes = load_init_limoe(model, load_checkpoint(init)["model"])
+    start_step = ckpt["meta"]["step"] if ckpt is not None else 0
+    notes = restore_or_init(model, optimizer, run_dir, ckpt, init, load_init_limoe)
 
     train = config.train
     log = MetricsLog(run_dir, train.log_every, train.steps, start_step, progress)

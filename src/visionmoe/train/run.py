@@ -54,6 +54,19 @@ def _truncate_metrics(path: Path, step: int) -> None:
     atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 
+def restore_or_init(model, optimizer, run_dir: Path, ckpt: dict | None, init, init_fn) -> list[str]:
+    """Resume from ``ckpt`` (weights, optimizer, RNG, log truncated to its step), or start fresh,
+    optionally from the weights at ``init`` loaded with ``init_fn(model, state) -> notes``."""
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        torch.set_rng_state(ckpt["rng"])
+        _truncate_metrics(run_dir / "metrics.jsonl", ckpt["meta"]["step"])
+        return []
+    (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    return init_fn(model, load_checkpoint(init)["model"]) if init is not None else []
+
+
 def run_training(
     config: ExperimentConfig | None = None,
     run_dir: str | os.PathLike | None = None,
@@ -111,16 +124,7 @@ def run_training(
 
     model = build_model(config)
     optimizer = build_optimizer(model, config.optim)
-    notes: list[str] = []
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        torch.set_rng_state(ckpt["rng"])
-        _truncate_metrics(run_dir / "metrics.jsonl", start_step)
-    else:
-        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-        if init is not None:
-            notes = load_init_weights(model, load_checkpoint(init)["model"])
+    notes = restore_or_init(model, optimizer, run_dir, ckpt, init, load_init_weights)
 
     log = MetricsLog(run_dir, config.train.log_every, config.train.steps, start_step, progress)
     evaluator = Evaluate(
