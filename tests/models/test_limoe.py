@@ -8,7 +8,8 @@ import torch
 
 from visionmoe.data import text as text_data
 from visionmoe.models.config import MoEConfig, ViTConfig
-from visionmoe.models.limoe import PAD_ID, LIMoE, TextConfig, contrastive_loss
+from visionmoe.models.limoe import PAD_ID, LIMoE, TextConfig
+from visionmoe.models.limoe_aux import contrastive_loss
 from visionmoe.routing.entropy import global_entropy_loss, local_entropy_loss
 
 B, LI, LT = 4, 16, 6  # 4 pairs, 16 patches per 8x8 image (patch 2), texts of 6 positions

@@ -51,7 +51,7 @@ def _inspect_limoe(
 ) -> Path:
     """Expert usage by modality on the run's test pairs, plus its zero-shot accuracy."""
     from visionmoe.data.text import Tokenizer
-    from visionmoe.eval.report import inspect_limoe_model
+    from visionmoe.eval.limoe_report import inspect_limoe_model
     from visionmoe.train.contrastive import load_caption_splits
 
     test = load_caption_splits(config).test

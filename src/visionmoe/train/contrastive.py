@@ -33,7 +33,8 @@ from visionmoe.data.captions import (
     load_digit_captions,
 )
 from visionmoe.data.text import Tokenizer
-from visionmoe.models.limoe import PAD_ID, LIMoE, contrastive_loss
+from visionmoe.models.limoe import PAD_ID, LIMoE
+from visionmoe.models.limoe_aux import contrastive_loss
 from visionmoe.train.checkpoint import atomic_write_text, resolve_checkpoint
 from visionmoe.train.config import ExperimentConfig
 from visionmoe.train.hooks import Checkpoint, MetricsLog

@@ -1,0 +1,106 @@
+"""LIMoE's contrastive loss, per-modality routing metrics and typed auxiliary outputs.
+
+Shape legend: B batch, T tokens routed by one MoE call (both modalities), E experts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import MutableMapping
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from visionmoe.layers.moe import MoEAux
+from visionmoe.routing.entropy import entropy
+from visionmoe.routing.plan import RoutingPlan
+
+__all__ = ["LIMoEAux", "LIMoELayerAux", "contrastive_loss", "modality_metrics"]
+
+
+def contrastive_loss(logits_BB: Tensor) -> Tensor:
+    """Symmetric InfoNCE: pair i is the positive of row i and of column i.
+
+    ``L = 1/2 * [CE(Z, arange(B)) + CE(Z^T, arange(B))]``, ``Z = exp(log_scale) * u v^T``.
+    """
+    if logits_BB.ndim != 2 or logits_BB.shape[0] != logits_BB.shape[1]:
+        raise ValueError(f"expected square (B, B) logits, got {tuple(logits_BB.shape)}")
+    logits_BB = logits_BB.float()
+    target = torch.arange(logits_BB.shape[0], device=logits_BB.device)
+    return 0.5 * (F.cross_entropy(logits_BB, target) + F.cross_entropy(logits_BB.T, target))
+
+
+def modality_metrics(plan: RoutingPlan, gates_TE: Tensor, mask_T: Tensor) -> dict[str, Tensor]:
+    """Routing statistics of the tokens selected by ``mask_T`` (one modality), detached.
+
+    ``load`` (E,) fraction of the modality's kept assignments per expert; ``importance`` (E,) its
+    mean gate; ``load_cv2``, ``importance_cv2``; ``dropped_frac`` its tokens with no kept
+    assignment; ``router_entropy`` mean per-token entropy; ``marginal_entropy`` ``Ent(p_bar)``;
+    ``top1_gate``; ``num_tokens``.
+    """
+    with torch.no_grad():
+        E = plan.num_experts
+        keep = plan.keep.float() * mask_T[plan.token_idx].float()
+        per_expert_E = torch.zeros(E, device=keep.device).index_add_(0, plan.expert_idx, keep)
+        per_token_T = torch.zeros(plan.num_tokens, device=keep.device).index_add_(
+            0, plan.token_idx, keep
+        )
+        load_E = per_expert_E / per_expert_E.sum().clamp_min(1.0)
+        probs_NE = gates_TE.detach().float()[mask_T]
+        if probs_NE.shape[0] == 0:
+            probs_NE = gates_TE.new_full((1, E), 1.0 / E).float()
+        importance_E = probs_NE.mean(dim=0)
+        dropped = (per_token_T[mask_T] == 0).float()
+        return {
+            "load": load_E,
+            "importance": importance_E,
+            "load_cv2": load_E.var(unbiased=False) / load_E.mean().pow(2).clamp_min(1e-20),
+            "importance_cv2": importance_E.var(unbiased=False)
+            / importance_E.mean().pow(2).clamp_min(1e-20),
+            "dropped_frac": dropped.mean() if dropped.numel() else dropped.sum(),
+            "router_entropy": entropy(probs_NE).mean(),
+            "marginal_entropy": entropy(importance_E),
+            "top1_gate": probs_NE.max(dim=-1).values.mean(),
+            "num_tokens": mask_T.sum().float(),
+        }
+
+
+@dataclass
+class LIMoELayerAux:
+    """One MoE block of a LIMoE forward.
+
+    Attributes:
+      loss: this block's weighted entropy losses (+ classic losses if kept).
+      moe: the mixed call: ``plan`` over the T routed tokens in group-major order (per group:
+        image tokens, then non-pad text tokens), clean ``gates`` (T, E), mixed-pool metrics.
+      is_text: (T,) bool, the modality of each routed token in plan order.
+      modality: ``"image"`` / ``"text"`` -> :func:`modality_metrics` plus the unweighted entropy
+        losses ``local_entropy_loss`` and ``global_entropy_loss``.
+    """
+
+    loss: Tensor
+    moe: MoEAux
+    is_text: Tensor
+    modality: dict[str, MutableMapping[str, Tensor]] = field(default_factory=dict)
+
+
+@dataclass
+class LIMoEAux:
+    """Auxiliary outputs of a LIMoE forward: summed routing loss and per-block results."""
+
+    loss: Tensor
+    layers: dict[int, LIMoELayerAux] = field(default_factory=dict)
+
+    def metrics(self, prefix: str = "moe") -> dict[str, float]:
+        """Scalars as ``moe/layer<i>/<name>`` (mixed pool), ``moe/layer<i>/<modality>/<name>``."""
+        out = {}
+        for index, layer in self.layers.items():
+            for name, value in layer.moe.metrics.items():
+                if value.numel() == 1:
+                    out[f"{prefix}/layer{index}/{name}"] = float(value)
+            for modality, metrics in layer.modality.items():
+                for name, value in metrics.items():
+                    if value.numel() == 1:
+                        out[f"{prefix}/layer{index}/{modality}/{name}"] = float(value)
+        return out
