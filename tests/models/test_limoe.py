@@ -178,3 +178,27 @@ def test_bad_inputs_and_configs():
         with pytest.raises(ValueError, match=next(iter(bad))):
             TextConfig(**bad)
     assert PAD_ID == text_data.PAD_ID
+
+
+@pytest.mark.parametrize("group_images", [None, 2])
+def test_separate_modality_capacity_routes_each_modality_alone(group_images):
+    text = TextConfig(vocab_size=64, max_len=8, embed_dim=8, separate_modality_capacity=True)
+    images, tokens = _inputs()
+    # capacity_factor 0.5 drops tokens, so a shared pool lets one modality take the other's slots.
+    separate = _model(text, capacity_factor=0.5, group_images=group_images).eval()
+    mixed = _model(capacity_factor=0.5, group_images=group_images).eval()
+    for model, alone in ((separate, True), (mixed, False)):
+        with torch.no_grad():
+            joint = model(images, tokens)
+            u, v = model.encode_image(images), model.encode_text(tokens)
+            if group_images is not None:  # encode_* routes the whole batch as one group
+                u = torch.cat([model.encode_image(images[i : i + 2]) for i in (0, 2)])
+                v = torch.cat([model.encode_text(tokens[i : i + 2]) for i in (0, 2)])
+        assert torch.allclose(joint, model.logit_scale * u @ v.T, atol=1e-5) == alone
+    layer = separate(images, tokens, return_aux=True)[1].layers[1]
+    assert set(layer.modality) == {"image", "text"}
+
+
+def test_separate_modality_capacity_must_be_bool():
+    with pytest.raises(ValueError, match="separate_modality_capacity"):
+        TextConfig(separate_modality_capacity="yes")

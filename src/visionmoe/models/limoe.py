@@ -17,7 +17,8 @@ J joint embedding width (``TextConfig.embed_dim``).
 - Groups: ``moe.group_images=None`` routes the whole mixed batch as one group; ``g`` routes groups
   of g image-text pairs (images and texts with the same g consecutive indices), one router call
   each. Token-count groups (``moe.group_size``) are refused: text lengths vary, so a fixed token
-  count would cut pairs apart.
+  count would cut pairs apart. ``TextConfig.separate_modality_capacity`` splits every group into
+  its image and its text tokens, each routed with its own capacity.
 - Loss: symmetric InfoNCE (:func:`contrastive_loss`) plus, per MoE block, the per-modality local
   and global entropy losses (:mod:`visionmoe.routing.entropy`), plus the V-MoE importance / load
   losses of the mixed pool when ``keep_classic_losses``.
@@ -60,6 +61,9 @@ class TextConfig:
     ``None`` means the unthresholded ``-Ent(p_bar)``, a float tau means ``max(0, tau - Ent)``
     (see :func:`global_entropy_loss`); spec defaults tau_text = log(8), image unthresholded.
     ``keep_classic_losses`` also adds the router's V-MoE importance / load losses.
+    ``separate_modality_capacity`` [U: whether the paper used it] routes the image tokens and the
+    text tokens of each group in separate calls with separate capacity buffers, so priorities
+    (BPR) never compare an image token with a text token; default ``False``: one mixed pool.
     """
 
     vocab_size: int = 512
@@ -73,6 +77,7 @@ class TextConfig:
     tau_image: float | None = None
     tau_text: float | None = math.log(8)
     keep_classic_losses: bool = True
+    separate_modality_capacity: bool = False
 
     def __post_init__(self) -> None:
         for name, low in (("vocab_size", 2), ("max_len", 1), ("embed_dim", 1)):
@@ -91,6 +96,9 @@ class TextConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
                 raise ValueError(f"text.{name} must be a number >= 0, got {value!r}")
+        for name in ("keep_classic_losses", "separate_modality_capacity"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"text.{name} must be true or false, got {getattr(self, name)!r}")
         for name in ("tau_image", "tau_text"):
             value = getattr(self, name)
             if value is not None and (
@@ -229,7 +237,8 @@ class LIMoE(nn.Module):
     def _mixed_moe(
         self, moe: SparseMoE, h_img: Tensor | None, h_txt: Tensor | None, mask_BL: Tensor | None
     ) -> tuple[Tensor | None, Tensor | None, LIMoELayerAux]:
-        """Route image tokens and non-pad text tokens together, group by group of pairs."""
+        """Route image tokens and non-pad text tokens together, group by group of pairs (or each
+        modality of a group on its own, with ``separate_modality_capacity``)."""
         xs, seqs, text = [], [], []
         if h_img is not None:
             B, L, D = h_img.shape
@@ -245,6 +254,10 @@ class LIMoE(nn.Module):
         x_TD, seq_T, is_text_T = torch.cat(xs), torch.cat(seqs), torch.cat(text)
         per_group = self.config.moe.group_images
         group_T = torch.zeros_like(seq_T) if per_group is None else seq_T // per_group
+        if self.text_config.separate_modality_capacity:
+            # Each group splits into its image part and its text part, routed (and given
+            # capacity) separately: text can no longer lose its slots to image tokens.
+            group_T = 2 * group_T + is_text_T.long()
         # Stable: within a group the concatenation order (images, then text) is kept.
         order_T = torch.sort(group_T, stable=True).indices
         x_TD, is_text_T = x_TD.index_select(0, order_T), is_text_T.index_select(0, order_T)
