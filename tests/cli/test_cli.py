@@ -75,7 +75,10 @@ def test_sweep_writes_table_json_and_plot(run_dir, tmp_path, capsys):
     assert rows[1]["bpr_accuracy"] == rows[1]["vanilla_accuracy"]
     assert rows[1]["bpr_compute_frac"] == pytest.approx(1.0)
     Image.open(tmp_path / "sweep.png").verify()
-    assert "| capacity factor |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| capacity factor |" in out
+    n = sweep["num_examples"]
+    assert n > 0 and f"{n} test examples (one example = {100 / n:.2f} accuracy points)" in out
 
 
 def test_fewshot_reports_each_shot(run_dir, capsys):

@@ -61,7 +61,7 @@ def sweep_run(
         rows.append(row)
     out = Path(out_dir) if out_dir else Path(run) / "sweep"
     out.mkdir(parents=True, exist_ok=True)
-    result = {"run": str(run), "orders": orders, "rows": rows}
+    result = {"run": str(run), "orders": orders, "num_examples": len(test.y), "rows": rows}
     (out / "sweep.json").write_text(json.dumps(result, indent=2))
     (out / "sweep.md").write_text(sweep_table(rows))
     from visionmoe.eval.plots import plot_capacity_sweep
