@@ -96,7 +96,7 @@ def _parser() -> argparse.ArgumentParser:
         "--capacity-factors",
         type=float,
         nargs="+",
-        default=[0.1, 0.25, 0.5, 0.75, 1.0, 1.25, 2.0, 4.0],
+        help="default: 0.1 0.25 0.5 0.75 1 1.25 2 4",
     )
     p.add_argument("--out", help="output directory (default RUN/sweep)")
     p.add_argument(
@@ -270,9 +270,10 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from visionmoe.eval.sweep import sweep_run, sweep_table
+    from visionmoe.eval.sweep import DEFAULT_CAPACITY_FACTORS, sweep_run, sweep_table
 
-    result = sweep_run(args.run, tuple(args.capacity_factors), args.out, orders=args.orders)
+    factors = tuple(args.capacity_factors or DEFAULT_CAPACITY_FACTORS)
+    result = sweep_run(args.run, factors, args.out, orders=args.orders)
     print(sweep_table(result["rows"]), end="")
     n, orders = result["num_examples"], result["orders"]
     # Differences of a few images flip sign between test orders; say how big one image is.
