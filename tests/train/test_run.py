@@ -79,13 +79,15 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, tiny, tiny_model):
     assert [json.loads(x)["step"] for x in ref_log] == [json.loads(x)["step"] for x in new_log]
 
 
-def test_finetune_new_head_and_resized_pos_embed(tmp_path, tiny):
-    run_training(tiny(10), run_dir=tmp_path / "base", progress=False)
-    cfg = tiny(5, ["model.image_size=16", "model.capacity_factor=1.5"])
+@pytest.mark.parametrize("classifier, prefix", [("token", 1), ("gap", 0)])
+def test_finetune_new_head_and_resized_pos_embed(tmp_path, tiny, classifier, prefix):
+    head = f"model.classifier={classifier}"
+    run_training(tiny(10, [head]), run_dir=tmp_path / "base", progress=False)
+    cfg = tiny(5, [head, "model.image_size=16", "model.capacity_factor=1.5"])
     summary = run_training(cfg, run_dir=tmp_path / "ft", init=tmp_path / "base", progress=False)
     assert any("position embedding resized" in n for n in summary["init_notes"])
     model, config = load_run(tmp_path / "ft")
-    assert model.pos_embed.shape == (1, 1 + 64, 16)
+    assert model.pos_embed.shape == (1, prefix + 64, 16)
     assert config.model.moe.capacity_factor == 1.5
 
 
