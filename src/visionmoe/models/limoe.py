@@ -19,9 +19,9 @@ J joint embedding width (``TextConfig.embed_dim``).
   each. Token-count groups (``moe.group_size``) are refused: text lengths vary, so a fixed token
   count would cut pairs apart. ``TextConfig.separate_modality_capacity`` splits every group into
   its image and its text tokens, each routed with its own capacity.
-- Loss: symmetric InfoNCE (:func:`contrastive_loss`) plus, per MoE block, the per-modality local
-  and global entropy losses (:mod:`visionmoe.routing.entropy`), plus the V-MoE importance / load
-  losses of the mixed pool when ``keep_classic_losses``.
+- Loss: symmetric InfoNCE (:func:`visionmoe.models.limoe_aux.contrastive_loss`) plus, per MoE
+  block, the per-modality local and global entropy losses (:mod:`visionmoe.routing.entropy`),
+  plus the V-MoE importance / load losses of the mixed pool when ``keep_classic_losses``.
 """
 
 from __future__ import annotations
@@ -38,11 +38,7 @@ from visionmoe.layers.attention import Attention
 from visionmoe.layers.dispatch import dispatch
 from visionmoe.layers.moe import MoEAux, SparseMoE
 from visionmoe.models.config import ViTConfig
-from visionmoe.models.limoe_aux import (
-    LIMoEAux,
-    LIMoELayerAux,
-    modality_metrics,
-)
+from visionmoe.models.limoe_aux import LIMoEAux, LIMoELayerAux, modality_metrics
 from visionmoe.models.vit import VisionTransformer
 from visionmoe.routing.entropy import global_entropy_loss, local_entropy_loss
 from visionmoe.routing.plan import LazyMetrics, concat_plans, lazy_routing_metrics
