@@ -13,8 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from visionmoe.layers.moe import MoEAux
-from visionmoe.routing.entropy import entropy
-from visionmoe.routing.plan import RoutingPlan
+from visionmoe.routing.plan import RoutingPlan, routing_metrics
 
 __all__ = ["LIMoEAux", "LIMoELayerAux", "contrastive_loss", "modality_metrics"]
 
@@ -32,38 +31,9 @@ def contrastive_loss(logits_BB: Tensor) -> Tensor:
 
 
 def modality_metrics(plan: RoutingPlan, gates_TE: Tensor, mask_T: Tensor) -> dict[str, Tensor]:
-    """Routing statistics of the tokens selected by ``mask_T`` (one modality), detached.
-
-    ``load`` (E,) fraction of the modality's kept assignments per expert; ``importance`` (E,) its
-    mean gate; ``load_cv2``, ``importance_cv2``; ``dropped_frac`` its tokens with no kept
-    assignment; ``router_entropy`` mean per-token entropy; ``marginal_entropy`` ``Ent(p_bar)``;
-    ``top1_gate``; ``num_tokens``.
-    """
-    with torch.no_grad():
-        E = plan.num_experts
-        keep = plan.keep.float() * mask_T[plan.token_idx].float()
-        per_expert_E = torch.zeros(E, device=keep.device).index_add_(0, plan.expert_idx, keep)
-        per_token_T = torch.zeros(plan.num_tokens, device=keep.device).index_add_(
-            0, plan.token_idx, keep
-        )
-        load_E = per_expert_E / per_expert_E.sum().clamp_min(1.0)
-        probs_NE = gates_TE.detach().float()[mask_T]
-        if probs_NE.shape[0] == 0:
-            probs_NE = gates_TE.new_full((1, E), 1.0 / E).float()
-        importance_E = probs_NE.mean(dim=0)
-        dropped = (per_token_T[mask_T] == 0).float()
-        return {
-            "load": load_E,
-            "importance": importance_E,
-            "load_cv2": load_E.var(unbiased=False) / load_E.mean().pow(2).clamp_min(1e-20),
-            "importance_cv2": importance_E.var(unbiased=False)
-            / importance_E.mean().pow(2).clamp_min(1e-20),
-            "dropped_frac": dropped.mean() if dropped.numel() else dropped.sum(),
-            "router_entropy": entropy(probs_NE).mean(),
-            "marginal_entropy": entropy(importance_E),
-            "top1_gate": probs_NE.max(dim=-1).values.mean(),
-            "num_tokens": mask_T.sum().float(),
-        }
+    """:func:`~visionmoe.routing.plan.routing_metrics` of the tokens selected by ``mask_T`` (one
+    modality of a mixed routing pool), plus ``num_tokens``; detached."""
+    return {**routing_metrics(plan, gates_TE, mask_T), "num_tokens": mask_T.sum().float()}
 
 
 @dataclass

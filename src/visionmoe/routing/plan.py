@@ -18,6 +18,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from visionmoe.routing.entropy import entropy
+from visionmoe.routing.losses import cv_squared
+
 
 class LazyMetrics(MutableMapping):
     """A metrics dict computed on first access.
@@ -149,7 +152,9 @@ def router_precision(x: Tensor) -> Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def routing_metrics(plan: RoutingPlan, gates_TE: Tensor) -> dict[str, Tensor]:
+def routing_metrics(
+    plan: RoutingPlan, gates_TE: Tensor, mask_T: Tensor | None = None
+) -> dict[str, Tensor]:
     """Detached routing statistics: balance, dropping, confidence and buffer use.
 
     Keys: ``load`` (E,) fraction of kept assignments per expert; ``importance`` (E,) mean gate per
@@ -158,10 +163,13 @@ def routing_metrics(plan: RoutingPlan, gates_TE: Tensor) -> dict[str, Tensor]:
     entropy of the mean gate; ``top1_gate``; ``capacity_used`` kept / (E * capacity);
     ``compute_frac`` kept / (T * assignments_per_token); ``tokens_processed`` kept count;
     ``experts_per_token_min`` / ``_max`` kept assignments per token.
+
+    ``mask_T`` (bool, T) restricts every statistic to the selected tokens and their assignments
+    (e.g. one modality of a mixed routing pool); it must select at least one token.
     """
     with torch.no_grad():
-        gates_TE = gates_TE.float()
-        keep = plan.keep.float()
+        selected_A = torch.ones_like(plan.keep) if mask_T is None else mask_T[plan.token_idx]
+        keep = (plan.keep & selected_A).float()
         kept = keep.sum()
         num_experts = plan.num_experts
         per_expert_E = torch.zeros(num_experts, device=keep.device).index_add_(
@@ -170,22 +178,23 @@ def routing_metrics(plan: RoutingPlan, gates_TE: Tensor) -> dict[str, Tensor]:
         per_token_T = torch.zeros(plan.num_tokens, device=keep.device).index_add_(
             0, plan.token_idx, keep
         )
+        gates_TE = gates_TE.float()
+        if mask_T is not None:
+            per_token_T, gates_TE = per_token_T[mask_T], gates_TE[mask_T]
+        if per_token_T.numel() == 0:
+            raise ValueError("routing metrics need at least one token (the mask selects none)")
         load_E = per_expert_E / kept.clamp_min(1.0)
         importance_E = gates_TE.mean(dim=0)
-        log_gates = gates_TE.clamp_min(1e-20).log()
-        entropy = -(gates_TE * log_gates).sum(-1).mean()
-        marginal = -(importance_E * importance_E.clamp_min(1e-20).log()).sum()
-        total = plan.num_tokens * plan.assignments_per_token
+        total = per_token_T.numel() * plan.assignments_per_token
         return {
             "load": load_E,
             "importance": importance_E,
-            "load_cv2": load_E.var(unbiased=False) / load_E.mean().pow(2).clamp_min(1e-20),
-            "importance_cv2": importance_E.var(unbiased=False)
-            / importance_E.mean().pow(2).clamp_min(1e-20),
+            "load_cv2": cv_squared(load_E),
+            "importance_cv2": cv_squared(importance_E),
             "dropped_frac": (per_token_T == 0).float().mean(),
-            "assignments_dropped_frac": 1.0 - keep.mean() if keep.numel() else keep.sum(),
-            "router_entropy": entropy,
-            "marginal_entropy": marginal,
+            "assignments_dropped_frac": 1.0 - kept / selected_A.sum().clamp_min(1),
+            "router_entropy": entropy(gates_TE).mean(),
+            "marginal_entropy": entropy(importance_E),
             "top1_gate": gates_TE.max(dim=-1).values.mean(),
             "capacity_used": kept / max(num_experts * plan.capacity, 1),
             "compute_frac": kept / max(total, 1),
