@@ -10,13 +10,7 @@ import torch
 import visionmoe
 from visionmoe.hub import PretrainedError, from_pretrained, save_pretrained
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(name: str = "vmoe_debug"):

@@ -21,13 +21,7 @@ from visionmoe.upcycle import (
     upcycle_cli,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _dense(seed: int = 0) -> VisionTransformer:

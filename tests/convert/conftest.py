@@ -10,15 +10,11 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+def _one_thread(one_thread):
+    """Every conversion test runs on one thread (see tests/conftest.py)."""
 
 
 def random_vmoe_tree(

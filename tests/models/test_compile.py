@@ -8,12 +8,7 @@ import visionmoe
 DEBUG_MODELS = visionmoe.list_models("*_debug")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("name", DEBUG_MODELS)
