@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from visionmoe.data import BatchIterator, augment, to_model_input
+from visionmoe.data import BatchIterator, to_model_input
 from visionmoe.data.captions import (
     CaptionedImages,
     CaptionSplits,
@@ -38,7 +38,7 @@ from visionmoe.models.limoe_aux import contrastive_loss
 from visionmoe.train.checkpoint import atomic_write_text, resolve_checkpoint
 from visionmoe.train.config import ExperimentConfig
 from visionmoe.train.hooks import Checkpoint, MetricsLog
-from visionmoe.train.loop import Hook, TrainState, fit
+from visionmoe.train.loop import Hook, TrainState, augment_for_step, fit
 from visionmoe.train.optim import build_optimizer
 
 CAPTION_KINDS = ("digits", "folder")
@@ -109,10 +109,7 @@ def pair_batch(
     pick = np.random.default_rng((config.train.seed, step)).random(len(idx_np))
     which = torch.from_numpy((pick * data.num_captions[idx].numpy()).astype("int64"))
     x, tokens = data.x.index_select(0, idx), data.tokens[idx, which]
-    if config.data.crop_padding or config.data.hflip:
-        generator = torch.Generator().manual_seed(config.train.seed * 1_000_003 + step)
-        x = augment(x, generator, config.data.crop_padding, config.data.hflip)
-    return x, tokens
+    return augment_for_step(x, step, config), tokens
 
 
 def contrastive_step(

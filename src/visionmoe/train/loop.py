@@ -94,15 +94,20 @@ def _predictions(logits: torch.Tensor) -> torch.Tensor:
     return logits.argmax(-1)
 
 
+def augment_for_step(x: torch.Tensor, step: int, config: ExperimentConfig) -> torch.Tensor:
+    """The configured crop / flip, drawn from ``(seed, step)`` so a resumed run sees the same."""
+    if not (config.data.crop_padding or config.data.hflip):
+        return x
+    generator = torch.Generator().manual_seed(config.train.seed * 1_000_003 + step)
+    return augment(x, generator, config.data.crop_padding, config.data.hflip)
+
+
 def batch_for_step(
     data: TensorSplit, batches: BatchIterator, step: int, config: ExperimentConfig
 ) -> tuple[torch.Tensor, torch.Tensor]:
     idx = torch.from_numpy(batches.indices_for_step(step).astype("int64"))
     x, y = data.x.index_select(0, idx), data.y.index_select(0, idx)
-    if config.data.crop_padding or config.data.hflip:
-        generator = torch.Generator().manual_seed(config.train.seed * 1_000_003 + step)
-        x = augment(x, generator, config.data.crop_padding, config.data.hflip)
-    return x, y
+    return augment_for_step(x, step, config), y
 
 
 def fit(
