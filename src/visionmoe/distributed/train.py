@@ -65,7 +65,7 @@ from visionmoe.train.config import ExperimentConfig
 from visionmoe.train.finetune import load_init_weights
 from visionmoe.train.hooks import MetricsLog
 from visionmoe.train.inputs import TensorSplit, load_splits, to_tensors
-from visionmoe.train.loop import TrainState, batch_for_step, classification_loss
+from visionmoe.train.loop import TrainState, batch_for_step, train_step
 from visionmoe.train.optim import build_optimizer, learning_rate, set_learning_rate
 from visionmoe.train.run import _truncate_metrics, default_run_dir
 
@@ -115,24 +115,16 @@ def distributed_train_step(
     groups: ParallelGroups,
 ) -> dict[str, float]:
     """One step on this rank's slice; the update equals the single-process one on the batch."""
-    model.train()
-    logits, aux = model(x, return_aux=True)
-    task = classification_loss(logits, y, config.train.loss, config.train.label_smoothing)
-    loss = task + aux.loss
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    sync_gradients(model, groups)
-    grad_norm = clip_grad_norm(model, config.optim.grad_clip, groups)
-    optimizer.step()
-    metrics = {
-        "train/loss": float(loss.detach()),
-        "train/task_loss": float(task.detach()),
-        "train/aux_loss": float(aux.loss.detach()),
-        "train/accuracy": float((logits.argmax(-1) == y).float().mean()),
-    }
-    metrics.update(aux.metrics())
+
+    def sync_and_clip(module: torch.nn.Module, max_norm: float | None) -> torch.Tensor:
+        sync_gradients(module, groups)
+        return clip_grad_norm(module, max_norm, groups)
+
+    metrics = train_step(model, optimizer, x, y, config, clip_fn=sync_and_clip)
+    # The clipped norm is already global; every other metric is this rank's share.
+    grad_norm = metrics.pop("train/grad_norm")
     metrics = mean_over_ranks(metrics, groups)
-    metrics["train/grad_norm"] = float(grad_norm)
+    metrics["train/grad_norm"] = grad_norm
     return metrics
 
 

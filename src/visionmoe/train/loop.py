@@ -59,22 +59,33 @@ def classification_loss(
     return F.binary_cross_entropy_with_logits(logits, target, reduction="sum") / len(labels)
 
 
+def clip_local(model: nn.Module, max_norm: float | None) -> torch.Tensor:
+    """Global-norm gradient clipping in one process; returns the norm before clipping."""
+    return torch.nn.utils.clip_grad_norm_(
+        model.parameters(), max_norm if max_norm else float("inf")
+    )
+
+
 def train_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     x: torch.Tensor,
     y: torch.Tensor,
     config: ExperimentConfig,
+    clip_fn: Callable[[nn.Module, float | None], torch.Tensor] = clip_local,
 ) -> dict[str, float]:
-    """One optimisation step on ``(x, y)``: task loss + summed MoE aux loss."""
+    """One optimisation step on ``(x, y)``: task loss + summed MoE aux loss.
+
+    ``clip_fn(model, max_norm)`` runs between backward and the update and returns the gradient
+    norm; distributed training passes one that first synchronises gradients across ranks.
+    """
     model.train()
     logits, aux = model(x, return_aux=True)
     task = classification_loss(logits, y, config.train.loss, config.train.label_smoothing)
     loss = task + aux.loss
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    clip = config.optim.grad_clip
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip if clip else float("inf"))
+    grad_norm = clip_fn(model, config.optim.grad_clip)
     optimizer.step()
     metrics = {
         "train/loss": float(loss.detach()),
