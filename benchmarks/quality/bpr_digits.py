@@ -60,6 +60,14 @@ def second_choice_reliance(run: Path) -> float:
     return 100.0 * (first - both)
 
 
+def _gaps(sweep: dict) -> dict[str, float]:
+    """BPR minus vanilla accuracy, in points, keyed by capacity factor."""
+    return {
+        str(r["capacity_factor"]): 100.0 * (r["bpr_accuracy"] - r["vanilla_accuracy"])
+        for r in sweep["rows"]
+    }
+
+
 def run_one(variant: str, seed: int, root: Path, orders: int) -> dict:
     run = root / f"{variant}-s{seed}"
     if not (run / "summary.json").exists():
@@ -77,14 +85,8 @@ def run_one(variant: str, seed: int, root: Path, orders: int) -> dict:
         "seed": seed,
         "test_accuracy": summary["test_accuracy"],
         "second_choice_points": second_choice_reliance(run),
-        "bpr_minus_vanilla_points": {
-            str(r["capacity_factor"]): 100.0 * (r["bpr_accuracy"] - r["vanilla_accuracy"])
-            for r in sweep["rows"]
-        },
-        "dataset_order_bpr_minus_vanilla_points": {
-            str(r["capacity_factor"]): 100.0 * (r["bpr_accuracy"] - r["vanilla_accuracy"])
-            for r in single["rows"]
-        },
+        "bpr_minus_vanilla_points": _gaps(sweep),
+        "dataset_order_bpr_minus_vanilla_points": _gaps(single),
     }
     cached.write_text(json.dumps({"orders": orders, "result": result}))
     return result
