@@ -18,8 +18,8 @@ import json
 import time
 from pathlib import Path
 
-from configs import get_recipe
 from visionmoe.eval.classify import evaluate
+from visionmoe.recipes import get_recipe
 from visionmoe.train.config import ExperimentConfig, apply_set
 from visionmoe.train.inputs import load_splits, to_tensors
 from visionmoe.train.run import load_run, run_training

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import visionmoe
-from configs import get_recipe
 from visionmoe.models.vit import VisionTransformer
+from visionmoe.recipes import get_recipe
 from visionmoe.train.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
 from visionmoe.train.finetune import load_init_weights
 from visionmoe.train.optim import build_optimizer

@@ -23,10 +23,10 @@ import json
 import statistics
 from pathlib import Path
 
-from configs import get_recipe
 from visionmoe.eval.classify import evaluate
 from visionmoe.eval.sweep import sweep_run
 from visionmoe.models.routing_control import set_routing
+from visionmoe.recipes import get_recipe
 from visionmoe.train.config import apply_set
 from visionmoe.train.inputs import load_splits, to_tensors
 from visionmoe.train.run import load_run, run_training

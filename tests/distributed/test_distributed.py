@@ -127,7 +127,7 @@ def test_resume_from_sharded_checkpoint_is_exact(launcher, tmp_path, two_rank_ru
 
 
 def test_refuses_layouts_before_any_work(launcher, tmp_path):
-    from configs import get_recipe
+    from visionmoe.recipes import get_recipe
     from visionmoe.train.config import apply_set
 
     config = get_recipe("digits_vmoe")  # 8 experts, batch 64

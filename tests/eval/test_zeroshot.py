@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from configs import get_recipe
 from visionmoe.cli.main import main
 from visionmoe.eval.zeroshot import class_embeddings, resolve_prompts, zeroshot_run
+from visionmoe.recipes import get_recipe
 from visionmoe.train.config import apply_set
 from visionmoe.train.run import load_run, run_training
 

@@ -1,6 +1,6 @@
 import pytest
 
-from configs import get_recipe, list_recipes
+from visionmoe.recipes import get_recipe, list_recipes
 from visionmoe.train.config import ExperimentConfig, apply_set
 
 

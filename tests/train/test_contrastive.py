@@ -6,8 +6,8 @@ import shutil
 import pytest
 import torch
 
-from configs import get_recipe
 from visionmoe.models.limoe import LIMoE
+from visionmoe.recipes import get_recipe
 from visionmoe.train.checkpoint import atomic_write_text, load_checkpoint
 from visionmoe.train.config import ExperimentConfig, apply_set
 from visionmoe.train.run import load_run, run_training

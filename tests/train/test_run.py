@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from configs import get_recipe
+from visionmoe.recipes import get_recipe
 from visionmoe.train.checkpoint import load_checkpoint
 from visionmoe.train.config import apply_set
 from visionmoe.train.run import load_run, run_training

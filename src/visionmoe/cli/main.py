@@ -185,7 +185,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = add("models", "list registered models", "visionmoe.list_models")
     p.add_argument("pattern", nargs="?", default="*")
-    add("recipes", "list training recipes", "configs.list_recipes")
+    add("recipes", "list training recipes", "visionmoe.recipes.list_recipes")
     return parser
 
 
@@ -215,7 +215,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def _base_config(recipe: str | None, init: str | None):
     """The named recipe; else, with ``--init``, the config saved with those weights."""
-    from configs import get_recipe
+    from visionmoe.recipes import get_recipe
     from visionmoe.train.checkpoint import load_checkpoint
     from visionmoe.train.config import ExperimentConfig
 
@@ -345,7 +345,7 @@ def _models(args: argparse.Namespace) -> int:
 
 
 def _recipes(args: argparse.Namespace) -> int:
-    from configs import list_recipes, recipe_description
+    from visionmoe.recipes import list_recipes, recipe_description
 
     for name in list_recipes():
         print(f"{name:22s} {recipe_description(name)}")

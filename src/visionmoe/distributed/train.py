@@ -331,7 +331,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse, refuse impossible layouts before joining the group, train, leave the group."""
-    from configs import get_recipe
+    from visionmoe.recipes import get_recipe
     from visionmoe.train.config import apply_set
 
     args = parse_args(argv)

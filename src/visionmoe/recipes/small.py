@@ -1,14 +1,13 @@
-"""The built-in recipes (see each docstring for command, accuracy and runtime)."""
+"""The small recipes: bundled digits, Fashion-MNIST, CIFAR-10 (see each docstring)."""
 
 from __future__ import annotations
 
-import difflib
-from collections.abc import Callable
 from dataclasses import replace
 
 from visionmoe.models.config import MoEConfig, ViTConfig, dense_twin
 from visionmoe.models.limoe import TextConfig
 from visionmoe.models.variants import every_n
+from visionmoe.recipes.registry import recipe
 from visionmoe.train.config import (
     DataConfig,
     ExperimentConfig,
@@ -16,30 +15,6 @@ from visionmoe.train.config import (
     ScheduleConfig,
     TrainConfig,
 )
-
-RECIPES: dict[str, Callable[[], ExperimentConfig]] = {}
-
-
-def recipe(fn: Callable[[], ExperimentConfig]) -> Callable[[], ExperimentConfig]:
-    RECIPES[fn.__name__] = fn
-    return fn
-
-
-def list_recipes() -> list[str]:
-    return sorted(RECIPES)
-
-
-def recipe_description(name: str) -> str:
-    return (RECIPES[name].__doc__ or "").strip().splitlines()[0]
-
-
-def get_recipe(name: str) -> ExperimentConfig:
-    if name not in RECIPES:
-        close = difflib.get_close_matches(name, list(RECIPES), n=3, cutoff=0.4)
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise ValueError(f"unknown recipe {name!r}{hint} (available: {', '.join(list_recipes())})")
-    return RECIPES[name]()
-
 
 # Digits: 8x8 greyscale, patch 2 -> 16 patches (+ a class token with the token head).
 _DIGITS_VIT = dict(
