@@ -1,4 +1,4 @@
-"""Image-folder loading from PNG/BMP files written with Pillow."""
+"""Image-folder indexing and per-sample decoding, from PNG/BMP files written with Pillow."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from visionmoe.data import DatasetError, load_dataset, load_image_folder
+from visionmoe.data import CorruptImageError, DatasetError, load_dataset, load_image_folder
 
 
 def save(file: Path, pixels: np.ndarray) -> None:
@@ -20,8 +20,17 @@ def grey(seed: int, shape: tuple[int, int] = (5, 6)) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
 
 
-@pytest.mark.parametrize("ext", [".png", ".bmp"])
-def test_train_test_layout_round_trip(tmp_path: Path, ext: str):
+def as_rgb(pixels: np.ndarray) -> np.ndarray:
+    """What decoding to RGB must give for a greyscale image: the grey value in every channel."""
+    return np.repeat(pixels[..., None], 3, axis=2)
+
+
+def images_of(source) -> list[np.ndarray]:
+    return [source.read(i) for i in range(len(source))]
+
+
+@pytest.mark.parametrize(("ext", "eval_split"), [(".png", "test"), (".bmp", "val")])
+def test_train_test_layout_round_trip(tmp_path: Path, ext: str, eval_split: str):
     expected: dict[str, list[tuple[np.ndarray, int]]] = {"train": [], "test": []}
     seed = 0
     for split, counts in (("train", {"cat": 3, "ant": 2}), ("test", {"ant": 1, "cat": 2})):
@@ -29,15 +38,16 @@ def test_train_test_layout_round_trip(tmp_path: Path, ext: str):
             for i in range(counts[name]):
                 seed += 1
                 pixels = grey(seed)
-                save(tmp_path / split / name / f"img{i:02d}{ext}", pixels)
+                folder = eval_split if split == "test" else split
+                save(tmp_path / folder / name / f"img{i:02d}{ext}", pixels)
                 expected[split].append((pixels, ["ant", "cat"].index(name)))
     (tmp_path / "train" / "cat" / "README.txt").write_text("not an image")
     splits = load_image_folder(tmp_path)
     assert splits.train.class_names == ["ant", "cat"]
     for split in ("train", "test"):
         dataset = getattr(splits, split)
-        assert dataset.images.shape == (len(expected[split]), 5, 6, 1)
-        np.testing.assert_array_equal(dataset.images[..., 0], [p for p, _ in expected[split]])
+        assert len(dataset) == len(expected[split])
+        np.testing.assert_array_equal(images_of(dataset), [as_rgb(p) for p, _ in expected[split]])
         np.testing.assert_array_equal(dataset.labels, [label for _, label in expected[split]])
 
 
@@ -60,13 +70,13 @@ def test_single_level_layout_is_stratified_and_seeded(tmp_path: Path):
     splits = load_dataset("folder", str(tmp_path))
     assert len(splits.train) == 12 and len(splits.test) == 3
     assert sorted(splits.test.labels.tolist()) == [0, 1, 2]
-    seen = [*splits.train.images, *splits.test.images]
+    seen = [*images_of(splits.train), *images_of(splits.test)]
     labels = [*splits.train.labels, *splits.test.labels]
     assert sorted(img[..., 0].tobytes() for img in seen) == sorted(originals)
     for img, label in zip(seen, labels, strict=True):
         assert originals[img[..., 0].tobytes()] == label
     again = load_image_folder(tmp_path)
-    np.testing.assert_array_equal(again.test.images, splits.test.images)
+    np.testing.assert_array_equal(images_of(again.test), images_of(splits.test))
     other = load_image_folder(tmp_path, test_fraction=0.4, seed=5)
     assert len(other.test) == 6
 
@@ -78,19 +88,20 @@ def test_mixed_modes_become_rgb(tmp_path: Path):
     save(tmp_path / "train" / "b" / "c.png", rgb)
     save(tmp_path / "test" / "a" / "g.png", g)
     splits = load_image_folder(tmp_path)
-    assert splits.train.images.shape == (2, 5, 6, 3)
-    np.testing.assert_array_equal(splits.train.images[0], np.repeat(g[..., None], 3, axis=2))
-    np.testing.assert_array_equal(splits.train.images[1], rgb)
+    first, second = images_of(splits.train)
+    np.testing.assert_array_equal(first, as_rgb(g))
+    np.testing.assert_array_equal(second, rgb)
 
 
-def test_odd_sizes_are_resized_to_most_common(tmp_path: Path):
-    for i in range(3):
-        save(tmp_path / "train" / "a" / f"{i}.png", grey(i, (4, 4)))
-    save(tmp_path / "train" / "a" / "big.png", grey(9, (8, 12)))
-    save(tmp_path / "test" / "a" / "0.png", grey(5, (4, 4)))
+def test_images_keep_their_own_sizes(tmp_path: Path):
+    shapes = [(4, 4), (8, 12), (5, 3)]
+    for i, shape in enumerate(shapes):
+        save(tmp_path / "train" / "a" / f"{i}.png", grey(i, shape))
+    save(tmp_path / "val" / "a" / "0.png", grey(5, (4, 4)))
     splits = load_image_folder(tmp_path)
-    assert splits.train.images.shape == (4, 4, 4, 1)
-    np.testing.assert_array_equal(splits.test.images[0, ..., 0], grey(5, (4, 4)))
+    for i, (image, shape) in enumerate(zip(images_of(splits.train), shapes, strict=True)):
+        np.testing.assert_array_equal(image, as_rgb(grey(i, shape)))
+    np.testing.assert_array_equal(splits.test.read(0), as_rgb(grey(5, (4, 4))))
 
 
 def test_folder_errors_name_the_path(tmp_path: Path):
@@ -101,15 +112,36 @@ def test_folder_errors_name_the_path(tmp_path: Path):
     assert "; expected " in message and "\n" not in message
 
     (tmp_path / "empty_class").mkdir()
-    with pytest.raises(DatasetError, match="no image files"):
+    with pytest.raises(DatasetError, match="class folder .*empty_class holds no image files"):
         load_image_folder(tmp_path)
+    (tmp_path / "empty_class").rmdir()
 
     save(tmp_path / "a" / "ok.png", grey(0))
+    save(tmp_path / "a" / "ok2.png", grey(1))
     (tmp_path / "a" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
-    with pytest.raises(DatasetError, match="broken.png") as excinfo:
-        load_image_folder(tmp_path)
-    assert f"'{tmp_path}'" in str(excinfo.value)
+    splits = load_image_folder(tmp_path, test_fraction=0.5)  # indexing reads no pixels
+    sources = [(s, i) for s in (splits.train, splits.test) for i in range(len(s))]
+    broken = [(s, i) for s, i in sources if s.base.path(s.indices[i]).endswith("broken.png")]
+    assert len(broken) == 1
+    with pytest.raises(CorruptImageError, match="broken.png") as excinfo:
+        broken[0][0].read(broken[0][1])
+    assert "\n" not in str(excinfo.value)
 
     file = tmp_path / "a" / "ok.png"
     with pytest.raises(DatasetError, match="not a directory"):
         load_image_folder(file)
+
+
+def test_wrong_layouts_name_the_path_and_the_expected_layout(tmp_path: Path):
+    save(tmp_path / "loose.png", grey(0))
+    save(tmp_path / "a" / "0.png", grey(1))
+    with pytest.raises(DatasetError, match="lie directly in") as excinfo:
+        load_image_folder(tmp_path)
+    message = str(excinfo.value)
+    assert str(tmp_path) in message and "; expected " in message and "\n" not in message
+
+    only_train = tmp_path / "imagenet"
+    save(only_train / "train" / "n01" / "0.png", grey(2))
+    with pytest.raises(DatasetError, match="no .*val or .*test") as excinfo:
+        load_image_folder(only_train)
+    assert str(only_train / "train") in str(excinfo.value)

@@ -1,4 +1,4 @@
-"""Stateless, seeded batch scheduling for in-memory datasets."""
+"""Stateless, seeded batch scheduling: global batches by step, rank shards, evaluation order."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-__all__ = ["BatchIterator"]
+__all__ = ["BatchIterator", "eval_indices", "rank_slice"]
 
 
 class BatchIterator:
@@ -71,6 +71,16 @@ class BatchIterator:
         start = position * self.batch_size
         return self._order(epoch)[start : start + self.batch_size].astype(np.int64)
 
+    def shard_for_step(self, step: int, rank: int, world_size: int) -> tuple[np.ndarray, slice]:
+        """This rank's share of the batch at ``step``: (dataset indices, positions in the batch).
+
+        Rank ``r`` of ``W`` gets the ``r``-th of ``W`` equal contiguous blocks of the global
+        batch, so the ranks' shares concatenated in rank order are the global batch, whatever
+        ``W`` is: a run resumed on a different number of ranks sees the same global batches.
+        """
+        positions = rank_slice(self.batch_size, rank, world_size)
+        return self.indices_for_step(step)[positions], positions
+
     def batches(self, start_step: int = 0, num_steps: int | None = None) -> Iterator[np.ndarray]:
         """Iterate batch indices from ``start_step``; endless unless ``num_steps`` is given."""
         step = start_step
@@ -80,3 +90,34 @@ class BatchIterator:
 
     def __len__(self) -> int:
         return self.steps_per_epoch
+
+
+def rank_slice(batch_size: int, rank: int, world_size: int) -> slice:
+    """Positions ``[r * B / W, (r + 1) * B / W)`` of a global batch of ``B`` that rank ``r`` reads.
+
+    ``B`` must be divisible by ``W`` so every rank runs the same local batch size.
+    """
+    if world_size <= 0 or not 0 <= rank < world_size:
+        raise ValueError(f"rank must lie in [0, world_size), got rank {rank} of {world_size}")
+    if batch_size % world_size:
+        raise ValueError(
+            f"the global batch size {batch_size} must be divisible by the number of ranks "
+            f"{world_size}"
+        )
+    share = batch_size // world_size
+    return slice(rank * share, (rank + 1) * share)
+
+
+def eval_indices(dataset_len: int, seed: int, rank: int = 0, world_size: int = 1) -> np.ndarray:
+    """Dataset indices that ``rank`` evaluates: its block of a fixed seeded permutation.
+
+    The permutation ``default_rng((seed, 2**31)).permutation(N)`` (a stream no training epoch
+    uses) mixes classes, so a partial evaluation is not biased towards the first classes; the
+    ranks take ``W`` contiguous blocks whose sizes differ by at most one, and together they cover
+    every index exactly once.
+    """
+    if world_size <= 0 or not 0 <= rank < world_size:
+        raise ValueError(f"rank must lie in [0, world_size), got rank {rank} of {world_size}")
+    order = np.random.default_rng((seed, 2**31)).permutation(dataset_len)
+    bounds = (np.arange(world_size + 1) * dataset_len) // world_size
+    return order[bounds[rank] : bounds[rank + 1]].astype(np.int64)

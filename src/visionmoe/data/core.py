@@ -1,21 +1,27 @@
-"""Containers and error type shared by every dataset loader.
+"""The dataset interface shared by every loader, its in-memory implementation and errors.
 
-Loaders return plain numpy arrays rather than ``torch.utils.data.Dataset`` objects because the
-datasets this library targets fit in memory, and keeping them as arrays makes batching a cheap
-fancy-index instead of a per-sample Python call.
+Every split, whatever its storage, is an :class:`ImageSource`: a length, integer ``labels``
+(cheap, known up front), ``class_names`` and ``read(i)`` returning one uint8 ``(H, W, C)`` image.
+In-memory formats (digits, IDX, CIFAR pickles, npz) are :class:`ImageDataset` arrays, where
+``read`` is an index; file formats (folders, tar shards, saved Hugging Face datasets) decode one
+file in ``read``, so nothing is decoded before a batch needs it.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
 __all__ = [
+    "CorruptImageError",
     "DatasetError",
     "DatasetSplits",
     "ImageDataset",
+    "ImageSource",
+    "Subset",
     "class_names_for",
     "split_indices",
 ]
@@ -39,6 +45,28 @@ class DatasetError(ValueError):
         """
         problem = " ".join(str(problem).split())
         return cls(f"cannot load {kind} dataset from '{path}': {problem}; expected {expected}")
+
+
+class CorruptImageError(DatasetError):
+    """One sample could not be decoded; the loader skips it (or stops, when strict)."""
+
+
+@runtime_checkable
+class ImageSource(Protocol):
+    """One split of an image-classification dataset, read one sample at a time.
+
+    ``labels`` is an int64 array of length ``len(source)``; ``read(i)`` returns image ``i`` as a
+    uint8 ``(H, W, C)`` array with C in {1, 3} (sizes may differ between samples) or raises
+    :class:`CorruptImageError` naming the file.  Implementations must be picklable, because
+    ``torch.utils.data.DataLoader`` worker processes receive a copy.
+    """
+
+    labels: np.ndarray
+    class_names: list[str]
+
+    def __len__(self) -> int: ...
+
+    def read(self, index: int) -> np.ndarray: ...
 
 
 @dataclass
@@ -95,19 +123,47 @@ class ImageDataset:
     def __len__(self) -> int:
         return int(self.images.shape[0])
 
+    def read(self, index: int) -> np.ndarray:
+        """Image ``index`` as a (H, W, C) uint8 view (no copy)."""
+        return self.images[index]
+
+
+class Subset:
+    """The samples ``indices`` of ``base``, in that order, as an :class:`ImageSource`."""
+
+    def __init__(self, base: ImageSource, indices: np.ndarray) -> None:
+        self.base = base
+        self.indices = np.asarray(indices, dtype=np.int64)
+        if self.indices.ndim != 1 or (
+            self.indices.size and (self.indices.min() < 0 or self.indices.max() >= len(base))
+        ):
+            raise ValueError(f"subset indices must be 1-D and lie in [0, {len(base)})")
+        self.labels = np.asarray(base.labels)[self.indices]
+        self.class_names = list(base.class_names)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def __len__(self) -> int:
+        return int(self.indices.shape[0])
+
+    def read(self, index: int) -> np.ndarray:
+        return self.base.read(int(self.indices[index]))
+
 
 @dataclass
 class DatasetSplits:
     """A named train/test pair; the name is used for logging and run directories."""
 
     name: str
-    train: ImageDataset
-    test: ImageDataset
+    train: ImageSource
+    test: ImageSource
 
     @property
     def num_classes(self) -> int:
         """Both splits share ``class_names``, so the train split is authoritative."""
-        return self.train.num_classes
+        return len(self.train.class_names)
 
 
 def class_names_for(*label_arrays: np.ndarray) -> list[str]:

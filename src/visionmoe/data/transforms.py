@@ -70,6 +70,8 @@ def augment(
     hflip: bool = False,
     *,
     pad_mode: str = "zero",
+    positions: torch.Tensor | None = None,
+    draw_size: int | None = None,
 ) -> torch.Tensor:
     """Random pad-and-crop plus random horizontal flip, independently per image.
 
@@ -79,6 +81,11 @@ def augment(
     clamped (``pad_mode="edge"``) or masked to 0 (``pad_mode="zero"``; 0 is mid-grey for model
     input in [-1, 1]).  All randomness comes from ``generator``, so a seeded generator gives
     identical batches on every run.  With nothing to do, ``x_NCHW`` is returned unchanged.
+
+    When ``x_NCHW`` is part of a larger batch (one rank's share, or a batch that lost a corrupt
+    image), ``draw_size`` is the size of the whole batch and ``positions (N,)`` the positions of
+    these images in it: the draws are made for the whole batch and picked at ``positions``, so an
+    image is augmented the same way whichever rank reads it.
     """
     if x_NCHW.ndim != 4:
         raise ValueError(f"expected an (N, C, H, W) tensor, got shape {tuple(x_NCHW.shape)}")
@@ -91,15 +98,25 @@ def augment(
     n, c, h, w = x_NCHW.shape
     device = x_NCHW.device
     p = crop_padding
+    drawn = n if draw_size is None else draw_size
+    if positions is None:
+        if drawn != n:
+            raise ValueError(f"draw_size {drawn} differs from the batch size {n}: give positions")
+        pick = torch.arange(n)
+    else:
+        pick = positions.to("cpu", torch.long)
+        if pick.shape != (n,) or (n and (pick.min() < 0 or pick.max() >= drawn)):
+            raise ValueError(f"positions must have shape ({n},) and lie in [0, {drawn})")
     # Draw on the generator's own device (required by torch), then move the few numbers over.
     gen_device = generator.device
     if p > 0:
-        offsets = torch.randint(0, 2 * p + 1, (n, 2), generator=generator, device=gen_device)
-        offsets = offsets.to(device) - p
+        offsets = torch.randint(0, 2 * p + 1, (drawn, 2), generator=generator, device=gen_device)
+        offsets = offsets.cpu()[pick].to(device) - p
     else:
         offsets = torch.zeros((n, 2), dtype=torch.long, device=device)
     if hflip:
-        flips = torch.randint(0, 2, (n,), generator=generator, device=gen_device).to(device)
+        flips = torch.randint(0, 2, (drawn,), generator=generator, device=gen_device)
+        flips = flips.cpu()[pick].to(device)
     else:
         flips = torch.zeros((n,), dtype=torch.long, device=device)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -18,23 +19,33 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     For E^3 models (member logits ``(B, M, C)``) accuracy and ``loss`` (NLL) use the ensemble
     prediction ``mean_m softmax(logits_m)``; ``member_accuracy`` and ``ece`` are added.
     """
+    batches = ((x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(y), batch_size))
+    return evaluate_batches(model, batches)
+
+
+@torch.no_grad()
+def evaluate_batches(
+    model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
+) -> dict:
+    """:func:`evaluate` over model-ready ``(x, y)`` batches (e.g. streamed from a loader)."""
     from visionmoe.models.ensemble import ensemble_log_probs, expected_calibration_error
 
     was_training = model.training
     model.eval()
-    correct, loss_sum, processed, possible = 0, 0.0, 0.0, 0.0
-    member_correct, all_probs = None, []
+    correct, loss_sum, processed, possible, n = 0, 0.0, 0.0, 0.0, 0
+    member_correct, all_probs, all_targets = None, [], []
     start = time.perf_counter()
-    for i in range(0, len(y), batch_size):
-        logits, aux = model(x[i : i + batch_size], return_aux=True)
-        target = y[i : i + batch_size]
+    for x, target in batches:
+        logits, aux = model(x, return_aux=True)
+        n += len(target)
         if logits.ndim == 3:
             member_hits = (logits.argmax(-1) == target[:, None]).sum(0)
             member_correct = member_hits if member_correct is None else member_correct + member_hits
             log_probs = ensemble_log_probs(logits)
+            all_probs.append(log_probs.exp())
+            all_targets.append(target)
         else:
             log_probs = torch.log_softmax(logits.float(), -1)
-        all_probs.append(log_probs.exp())
         correct += int((log_probs.argmax(-1) == target).sum())
         loss_sum += float(F.nll_loss(log_probs, target, reduction="sum"))
         for layer in aux.layers.values():
@@ -43,19 +54,18 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
                 possible += layer.plan.num_tokens * layer.plan.assignments_per_token
     seconds = time.perf_counter() - start
     model.train(was_training)
-    n = max(len(y), 1)
     extra = {}
     if member_correct is not None:
-        extra["member_accuracy"] = [c / n for c in member_correct.tolist()]
-        extra["ece"] = expected_calibration_error(torch.cat(all_probs), y)
+        extra["member_accuracy"] = [c / max(n, 1) for c in member_correct.tolist()]
+        extra["ece"] = expected_calibration_error(torch.cat(all_probs), torch.cat(all_targets))
     return {
         **extra,
-        "accuracy": correct / n,
-        "loss": loss_sum / n,
+        "accuracy": correct / max(n, 1),
+        "loss": loss_sum / max(n, 1),
         "compute_frac": processed / possible if possible else 1.0,
         "seconds": seconds,
         "images_per_s": n / seconds if seconds > 0 else float("inf"),
-        "num_examples": len(y),
+        "num_examples": n,
     }
 
 

@@ -36,6 +36,12 @@ class DataConfig:
 
     ``kind`` is one of ``visionmoe.data.DATASET_KINDS``; every kind but ``digits`` needs ``path``.
     Images are resized to the model's ``image_size`` and scaled to [-1, 1].
+
+    Loading: ``num_workers`` DataLoader processes decode samples (``None``: none for in-memory
+    kinds, up to 2 for file kinds), each reading ``prefetch`` batches ahead.  An image that fails
+    to decode is skipped and counted (``data/skipped_images`` in the log) unless ``strict``,
+    which stops with the file named.  A worker silent for ``worker_timeout_s`` seconds is an
+    error rather than a hang (0 waits forever).
     """
 
     kind: str = "digits"
@@ -44,6 +50,10 @@ class DataConfig:
     hflip: bool = False
     test_fraction: float = 0.25
     max_train_examples: int | None = None
+    num_workers: int | None = None
+    prefetch: int = 2
+    strict: bool = False
+    worker_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
         _check(
@@ -58,6 +68,15 @@ class DataConfig:
         _check(
             self.max_train_examples is None or self.max_train_examples > 0,
             f"data.max_train_examples must be > 0 or None, got {self.max_train_examples}",
+        )
+        _check(
+            self.num_workers is None or self.num_workers >= 0,
+            f"data.num_workers must be >= 0 or None (automatic), got {self.num_workers}",
+        )
+        _check(self.prefetch >= 1, f"data.prefetch must be >= 1, got {self.prefetch}")
+        _check(
+            self.worker_timeout_s >= 0,
+            f"data.worker_timeout_s must be >= 0 (0 waits forever), got {self.worker_timeout_s}",
         )
 
 

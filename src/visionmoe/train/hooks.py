@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from visionmoe.eval.classify import evaluate
+import torch
+
+from visionmoe.eval.classify import evaluate, evaluate_batches
 from visionmoe.train.checkpoint import save_checkpoint
 from visionmoe.train.inputs import TensorSplit
 from visionmoe.train.loop import TrainState
@@ -45,10 +48,24 @@ class MetricsLog:
             self.bar.close()
 
 
-class Evaluate:
-    """Evaluates on the test split every ``every`` steps and at the end."""
+EvalBatchesFn = Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]
 
-    def __init__(self, data: TensorSplit, name: str, every: int, batch_size: int, log: MetricsLog):
+
+class Evaluate:
+    """Evaluates on the test split every ``every`` steps and at the end.
+
+    ``data`` is the split in memory, or a function returning a fresh iterable of model-ready
+    ``(x, y)`` batches (streamed by a loader) for each evaluation.
+    """
+
+    def __init__(
+        self,
+        data: TensorSplit | EvalBatchesFn,
+        name: str,
+        every: int,
+        batch_size: int,
+        log: MetricsLog,
+    ):
         self.data, self.name, self.every, self.batch_size, self.log = (
             data,
             name,
@@ -59,7 +76,10 @@ class Evaluate:
         self.last: dict = {}
 
     def run(self, state: TrainState) -> None:
-        result = evaluate(state.model, self.data.x, self.data.y, self.batch_size)
+        if isinstance(self.data, TensorSplit):
+            result = evaluate(state.model, self.data.x, self.data.y, self.batch_size)
+        else:
+            result = evaluate_batches(state.model, self.data())
         self.last = {f"eval/{self.name}/{k}": v for k, v in result.items()}
         state.metrics.update(self.last)
         self.log.write({"step": state.step, **self.last})

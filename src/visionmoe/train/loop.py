@@ -16,10 +16,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from visionmoe.data import BatchIterator, augment
+from visionmoe.data import BatchIterator
 from visionmoe.train.config import ExperimentConfig
-from visionmoe.train.inputs import TensorSplit
+from visionmoe.train.inputs import TensorSplit, TrainStream, augment_for_step
 from visionmoe.train.optim import learning_rate, set_learning_rate
+
+__all__ = [
+    "Hook",
+    "TrainState",
+    "augment_for_step",
+    "batch_for_step",
+    "classification_loss",
+    "clip_local",
+    "fit",
+    "stream_batch_for_step",
+    "train_step",
+]
 
 
 @dataclass
@@ -105,25 +117,27 @@ def _predictions(logits: torch.Tensor) -> torch.Tensor:
     return logits.argmax(-1)
 
 
-def augment_for_step(x: torch.Tensor, step: int, config: ExperimentConfig) -> torch.Tensor:
-    """The configured crop / flip, drawn from ``(seed, step)`` so a resumed run sees the same."""
-    if not (config.data.crop_padding or config.data.hflip):
-        return x
-    generator = torch.Generator().manual_seed(config.train.seed * 1_000_003 + step)
-    return augment(x, generator, config.data.crop_padding, config.data.hflip)
-
-
 def batch_for_step(
     data: TensorSplit, batches: BatchIterator, step: int, config: ExperimentConfig
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch at ``step`` from a split held in memory as float tensors."""
     idx = torch.from_numpy(batches.indices_for_step(step).astype("int64"))
     x, y = data.x.index_select(0, idx), data.y.index_select(0, idx)
     return augment_for_step(x, step, config), y
 
 
+def stream_batch_for_step(
+    data: TrainStream, batches: BatchIterator, step: int, config: ExperimentConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch at ``step`` streamed by a :class:`TrainStream` (``batches`` is unused: the
+    stream's own sampler gives the same indices)."""
+    x, y, _ = data.batch(step)
+    return x, y
+
+
 def fit(
     state: TrainState,
-    data: TensorSplit,
+    data: TensorSplit | TrainStream,
     hooks: Sequence[Hook],
     batch_fn: Callable = batch_for_step,
     step_fn: Callable = train_step,
@@ -132,22 +146,29 @@ def fit(
 
     ``batch_fn(data, batches, step, config) -> (inputs, targets)`` and
     ``step_fn(model, optimizer, inputs, targets, config) -> metrics`` default to image
-    classification; other tasks (LIMoE's image-text pairs) pass their own.
+    classification; other tasks (LIMoE's image-text pairs) pass their own.  A
+    :class:`TrainStream` goes with ``batch_fn=stream_batch_for_step``.
     """
     config = state.config
     batches = BatchIterator(len(data), config.train.batch_size, config.train.seed)
-    while state.step < config.train.steps and not state.stop:
-        lr = learning_rate(state.step, config.train.steps, config.optim.lr, config.schedule)
-        set_learning_rate(state.optimizer, lr)
-        inputs, targets = batch_fn(data, batches, state.step, config)
-        start = time.perf_counter()
-        state.metrics = step_fn(state.model, state.optimizer, inputs, targets, config)
-        elapsed = time.perf_counter() - start
-        state.metrics["train/lr"] = lr
-        state.metrics["train/images_per_s"] = len(inputs) / elapsed if elapsed > 0 else 0.0
-        state.step += 1
-        for hook in hooks:
-            hook.after_step(state)
+    try:
+        while state.step < config.train.steps and not state.stop:
+            lr = learning_rate(state.step, config.train.steps, config.optim.lr, config.schedule)
+            set_learning_rate(state.optimizer, lr)
+            inputs, targets = batch_fn(data, batches, state.step, config)
+            start = time.perf_counter()
+            state.metrics = step_fn(state.model, state.optimizer, inputs, targets, config)
+            elapsed = time.perf_counter() - start
+            state.metrics["train/lr"] = lr
+            state.metrics["train/images_per_s"] = len(inputs) / elapsed if elapsed > 0 else 0.0
+            if isinstance(data, TrainStream):
+                state.metrics["data/skipped_images"] = float(data.skipped)
+            state.step += 1
+            for hook in hooks:
+                hook.after_step(state)
+    finally:
+        if isinstance(data, TrainStream):
+            data.close()  # stop the loader's workers before evaluation starts its own
     for hook in hooks:
         hook.at_end(state)
     return state

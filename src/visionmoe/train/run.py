@@ -23,8 +23,8 @@ from visionmoe.train.checkpoint import (
 from visionmoe.train.config import ExperimentConfig
 from visionmoe.train.finetune import load_init_weights
 from visionmoe.train.hooks import Checkpoint, Evaluate, MetricsLog
-from visionmoe.train.inputs import load_splits, to_tensors
-from visionmoe.train.loop import TrainState, fit
+from visionmoe.train.inputs import TrainStream, eval_stream, load_splits
+from visionmoe.train.loop import TrainState, fit, stream_batch_for_step
 from visionmoe.train.optim import build_optimizer
 
 DEFAULT_RUNS_DIR = "runs"
@@ -118,8 +118,8 @@ def run_training(
             }
         )
         atomic_write_text(run_dir / "config.json", config.to_json())
-    train_data = to_tensors(splits.train, config.model)
-    test_data = to_tensors(splits.test, config.model)
+    train_data = TrainStream(config, splits.train)
+    test_data = lambda: eval_stream(config, splits.test)  # noqa: E731  (a fresh pass each call)
     atomic_write_text(run_dir / "classes.json", json.dumps(splits.train.class_names))
 
     model = build_model(config)
@@ -137,7 +137,7 @@ def run_training(
     ]
     state = TrainState(config, model, optimizer, step=start_step)
     began = time.perf_counter()
-    fit(state, train_data, hooks)
+    fit(state, train_data, hooks, batch_fn=stream_batch_for_step)
     final = {k.rsplit("/", 1)[-1]: v for k, v in evaluator.last.items()}
     summary = {
         "name": config.name,
