@@ -46,7 +46,7 @@ def test_debug_models_forward_backward_every_param_gets_grad(name):
     assert not missing
     zero = [n for n, p in model.named_parameters() if p.grad.abs().sum() == 0]
     assert not zero, f"parameters with all-zero gradients: {zero}"
-    assert model.last_aux is aux
+    assert model.last_aux.loss.item() == aux.loss.item() and model.last_aux.loss.grad_fn is None
 
 
 def test_aux_loss_is_sum_over_moe_layers():

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 EXAMPLES = {
     "train": "visionmoe train\n  visionmoe train --recipe digits_vit --set train.steps=500\n"
@@ -35,8 +37,15 @@ EXAMPLES = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line, ``visionmoe <cmd>: error: ...`` (exit 2), like every CLI error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="visionmoe", description="Sparse Vision Mixture-of-Experts: train, evaluate, inspect."
     )
     sub = parser.add_subparsers(dest="command", required=True)
@@ -368,9 +377,31 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    """Run one command; any error becomes one line on stderr and exit status 2 (or 130).
+
+    ``VISIONMOE_TRACEBACK=1`` re-raises instead, to debug the library itself.
+    """
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exit_:  # usage errors (already printed) and --help
+        return exit_.code if isinstance(exit_.code, int) else 2
     try:
         return COMMANDS[args.command](args)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"visionmoe {args.command}: error: {err}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"visionmoe {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if os.environ.get("VISIONMOE_TRACEBACK") == "1":
+            raise
+        print(f"visionmoe {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 2
+
+
+def _one_line(err: Exception) -> str:
+    """The error's message on one line; its type too unless it is a plain bad-value error."""
+    text = " ".join(str(err).split()) or repr(err)
+    if isinstance(err, KeyError):
+        text = f"missing key {text}"
+    if not isinstance(err, (ValueError, OSError, KeyError)):
+        text = f"{type(err).__name__}: {text}"
+    return text

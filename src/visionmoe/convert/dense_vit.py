@@ -49,14 +49,20 @@ def read_weights(path: str | os.PathLike) -> dict[str, Any]:
             raise FileNotFoundError(f"no model.safetensors or pytorch_model.bin in '{path}'")
     if not path.is_file():
         raise FileNotFoundError(f"no weights file at '{path}'")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        return dict(load_file(str(path)))
-    if path.suffix == ".npz":
-        with np.load(path, allow_pickle=False) as data:
-            return {k: data[k] for k in data.files}
-    state = torch.load(path, map_location="cpu", weights_only=True)
+            return dict(load_file(str(path)))
+        if path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as data:
+                return {k: data[k] for k in data.files}
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # each reader fails its own way on a file that is not its format
+        raise ValueError(
+            f"'{path}' is not a readable weights file (safetensors, npz, or a torch state dict "
+            f"saved with torch.save): {type(err).__name__}: {err}"
+        ) from err
     while isinstance(state, Mapping) and len(state) == 1 and next(iter(state)) in _STATE_KEYS:
         state = next(iter(state.values()))
     if not isinstance(state, Mapping):

@@ -27,6 +27,8 @@ def inspect_run(
     from visionmoe.train.inputs import load_splits
     from visionmoe.train.run import load_run
 
+    if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples < 1:
+        raise ValueError(f"num_examples (--examples) must be an integer >= 1, got {num_examples!r}")
     model, config = load_run(run)
     out = Path(out_dir) if out_dir else Path(run) / "inspect"
     if config.text is not None:

@@ -42,6 +42,15 @@ class MoEAux:
     plan: RoutingPlan | None = None
     gates: Tensor | None = None
 
+    def detached(self) -> MoEAux:
+        """A copy holding no autograd graph, to keep for inspection after the step."""
+        return MoEAux(
+            self.loss.detach(),
+            self.metrics,
+            None if self.plan is None else self.plan.detached(),
+            None if self.gates is None else self.gates.detach(),
+        )
+
 
 class SparseMoE(nn.Module):
     """Sparsely-gated MoE layer (V-MoE): router + index dispatch + expert bank.

@@ -12,10 +12,21 @@ from visionmoe.layers.dispatch import DISPATCH_MODES
 from visionmoe.layers.experts import EXPERT_INITS
 from visionmoe.layers.mlp import GELU_VARIANTS
 from visionmoe.layers.patch_merger import LOGIT_SCALES, MERGE_SOURCES
+from visionmoe.models.field_types import check_field_types
 from visionmoe.routing.capacity import ROUNDINGS
 from visionmoe.routing.top_k import BPR_SCORES
 
 MOE_ROUTERS = ("top_k", "expert_choice", "soft")
+# What switching ``router`` to each router sets, unless the same call sets the field too:
+# V-MoE: noise 1/E, 8 images per group, capacity ceil then a multiple of 4; Expert Choice: one
+# image per group, capacity rounded to nearest, no multiple; Soft MoE: no noise, one image.
+ROUTER_DEFAULTS: dict[str, dict] = {
+    "top_k": dict(noise_std=1.0, group_images=8, capacity_rounding="ceil", capacity_multiple_of=4),
+    "expert_choice": dict(
+        noise_std=1.0, group_images=1, capacity_rounding="round", capacity_multiple_of=None
+    ),
+    "soft": dict(noise_std=0.0, group_images=1),
+}
 CLASSIFIERS = ("token", "gap", "map")
 POSEMBS = ("learn", "sincos2d")
 
@@ -73,6 +84,7 @@ class MoEConfig:
     ensemble_members: int = 1
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         _choice("router", self.router, MOE_ROUTERS)
         _positive_int("num_experts", self.num_experts)
         _positive_int("top_k", self.top_k)
@@ -155,6 +167,7 @@ class ViTConfig:
     patch_merger_scale: str | None = None
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         for name in (
             "image_size",
             "patch_size",

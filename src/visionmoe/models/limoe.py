@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 from collections.abc import MutableMapping
 from dataclasses import dataclass, fields, replace
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +39,7 @@ from visionmoe.layers.attention import Attention
 from visionmoe.layers.dispatch import dispatch
 from visionmoe.layers.moe import MoEAux, SparseMoE
 from visionmoe.models.config import ViTConfig
+from visionmoe.models.field_types import check_field_types
 from visionmoe.models.limoe_aux import LIMoEAux, LIMoELayerAux, modality_metrics
 from visionmoe.models.vit import VisionTransformer
 from visionmoe.routing.entropy import global_entropy_loss, local_entropy_loss
@@ -76,6 +78,7 @@ class TextConfig:
     separate_modality_capacity: bool = False
 
     def __post_init__(self) -> None:
+        check_field_types(self, "text.")
         for name, low in (("vocab_size", 2), ("max_len", 1), ("embed_dim", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -195,8 +198,9 @@ class LIMoE(nn.Module):
 
     def _encode(
         self, images: Tensor | None, tokens: Tensor | None
-    ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-        """Final-norm tokens of each given modality; both go through the blocks in lockstep."""
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, LIMoEAux]:
+        """Final-norm tokens of each given modality (both go through the blocks in lockstep),
+        the text mask and the live aux; ``last_aux`` keeps a detached copy."""
         vit = self.vit
         x_img = x_txt = mask = None
         if images is not None:
@@ -223,11 +227,13 @@ class LIMoE(nn.Module):
             x_txt = x_txt + y_txt if x_txt is not None else None
         ref = x_img if x_img is not None else x_txt
         loss = sum((a.loss for a in layers.values()), ref.new_zeros((), dtype=torch.float32))
-        self.last_aux = LIMoEAux(loss, layers)
+        aux = LIMoEAux(loss, layers)
+        self.last_aux = aux.detached()
         return (
             vit.norm(x_img) if x_img is not None else None,
             vit.norm(x_txt) if x_txt is not None else None,
             mask,
+            aux,
         )
 
     def _mixed_moe(
@@ -290,6 +296,7 @@ class LIMoE(nn.Module):
         tc = self.text_config
         loss = plan.aux_loss if tc.keep_classic_losses else gates_TE.new_zeros(())
         modality_out: dict[str, MutableMapping[str, Tensor]] = {}
+        plan_kept, gates_kept = plan.detached(), gates_TE.detach()  # no graph in the metrics
         for modality, mask_T in zip(MODALITIES, (~is_text_T, is_text_T), strict=True):
             if not losses[modality]["local"]:
                 continue
@@ -298,7 +305,7 @@ class LIMoE(nn.Module):
             loss = loss + getattr(tc, f"{modality}_local_weight") * local
             loss = loss + getattr(tc, f"{modality}_global_weight") * glob
             # Computed when first read: training logs them every few steps only.
-            stats = LazyMetrics(lambda m=mask_T: modality_metrics(plan, gates_TE.detach(), m))
+            stats = LazyMetrics(partial(modality_metrics, plan_kept, gates_kept, mask_T))
             stats.update(local_entropy_loss=local.detach(), global_entropy_loss=glob.detach())
             modality_out[modality] = stats
         y_img = y_txt = None
@@ -333,7 +340,7 @@ class LIMoE(nn.Module):
 
     def encode_text(self, tokens_BL: Tensor) -> Tensor:
         """(B, J) L2-normalised text embeddings (mean over non-pad tokens)."""
-        _, x_txt, mask = self._encode(None, tokens_BL)
+        _, x_txt, mask, _ = self._encode(None, tokens_BL)
         return self._embed_text(x_txt, mask)
 
     def forward(self, images: Tensor, tokens: Tensor | None = None, return_aux: bool = False):
@@ -342,7 +349,7 @@ class LIMoE(nn.Module):
                 "LIMoE is a contrastive image-text model: call forward(images, tokens), or "
                 "encode_image(images) for image embeddings (zero-shot: `visionmoe zeroshot RUN`)"
             )
-        x_img, x_txt, mask = self._encode(images, tokens)
+        x_img, x_txt, mask, aux = self._encode(images, tokens)
         u, v = self.forward_head(x_img), self._embed_text(x_txt, mask)
         logits = self.logit_scale * u @ v.T
-        return (logits, self.last_aux) if return_aux else logits
+        return (logits, aux) if return_aux else logits

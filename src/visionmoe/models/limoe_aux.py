@@ -54,6 +54,10 @@ class LIMoELayerAux:
     is_text: Tensor
     modality: dict[str, MutableMapping[str, Tensor]] = field(default_factory=dict)
 
+    def detached(self) -> LIMoELayerAux:
+        """A copy holding no autograd graph."""
+        return LIMoELayerAux(self.loss.detach(), self.moe.detached(), self.is_text, self.modality)
+
 
 @dataclass
 class LIMoEAux:
@@ -61,6 +65,10 @@ class LIMoEAux:
 
     loss: Tensor
     layers: dict[int, LIMoELayerAux] = field(default_factory=dict)
+
+    def detached(self) -> LIMoEAux:
+        """A copy holding no autograd graph (what ``model.last_aux`` keeps)."""
+        return LIMoEAux(self.loss.detach(), {i: a.detached() for i, a in self.layers.items()})
 
     def metrics(self, prefix: str = "moe") -> dict[str, float]:
         """Scalars as ``moe/layer<i>/<name>`` (mixed pool), ``moe/layer<i>/<modality>/<name>``."""

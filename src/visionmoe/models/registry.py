@@ -12,7 +12,7 @@ import fnmatch
 from collections.abc import Callable
 from dataclasses import fields, replace
 
-from visionmoe.models.config import MoEConfig, ViTConfig, dense_twin
+from visionmoe.models.config import ROUTER_DEFAULTS, MoEConfig, ViTConfig, dense_twin
 from visionmoe.models.variants import (
     VMOE_SIZES,
     every_n,
@@ -65,6 +65,10 @@ def apply_overrides(config: ViTConfig, **overrides) -> ViTConfig:
     if "moe_layers" in vit:
         vit["moe_layers"] = tuple(vit["moe_layers"])
     moe_config = config.moe
+    router = moe.get("router")
+    if router in ROUTER_DEFAULTS and (moe_config is None or moe_config.router != router):
+        # A new router brings its own defaults (see ROUTER_DEFAULTS) unless set here too.
+        moe = {**ROUTER_DEFAULTS[router], **moe}
     if moe:
         moe_config = replace(moe_config, **moe) if moe_config is not None else MoEConfig(**moe)
     if (

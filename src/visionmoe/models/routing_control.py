@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from torch import nn
 
 from visionmoe.layers.moe import SparseMoE
@@ -23,9 +25,13 @@ def set_routing(
     if capacity_factor is not None and (
         isinstance(capacity_factor, bool)
         or not isinstance(capacity_factor, (int, float))
-        or not capacity_factor > 0
+        or not 0 < capacity_factor < math.inf
     ):
-        raise ValueError(f"capacity_factor must be a number > 0, got {capacity_factor!r}")
+        raise ValueError(f"capacity_factor must be a finite number > 0, got {capacity_factor!r}")
+    if batch_priority is not None and not isinstance(batch_priority, bool):
+        raise ValueError(f"batch_priority must be True, False or None, got {batch_priority!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
     for module in model.modules():
         if not isinstance(module, SparseMoE):
             continue
@@ -33,7 +39,7 @@ def set_routing(
         if capacity_factor is not None:
             router.eval_capacity_factor = float(capacity_factor)
         if batch_priority is not None and hasattr(router, "bpr_score"):
-            router.batch_priority = bool(batch_priority)
+            router.batch_priority = batch_priority
         if top_k is not None and hasattr(router, "bpr_score"):
             old = router.top_k
             router.top_k = top_k

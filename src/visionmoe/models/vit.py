@@ -31,6 +31,10 @@ class ModelAux:
     loss: Tensor
     layers: dict[int, MoEAux] = field(default_factory=dict)
 
+    def detached(self) -> ModelAux:
+        """A copy holding no autograd graph (what ``model.last_aux`` keeps)."""
+        return ModelAux(self.loss.detach(), {i: a.detached() for i, a in self.layers.items()})
+
     def metrics(self, prefix: str = "moe") -> dict[str, float]:
         """Scalar metrics as plain floats named ``moe/layer<i>/<name>`` (vectors skipped)."""
         out = {}
@@ -143,7 +147,9 @@ class VisionTransformer(nn.Module):
     pre_logits=False)`` pools and classifies; ``forward(x, return_aux=False)`` returns logits, or
     ``(logits, ModelAux)`` with ``return_aux=True``. ``model.last_aux`` always holds the
     :class:`ModelAux` of the latest forward (aux loss summed over MoE blocks, each already the
-    mean over its routing groups, plus per-block metrics and routing plans).
+    mean over its routing groups, plus per-block metrics and routing plans), detached: it does
+    not keep the forward's autograd graph alive; the ``aux`` returned with ``return_aux=True``
+    carries the gradient.
     """
 
     def __init__(self, config: ViTConfig):
@@ -197,6 +203,10 @@ class VisionTransformer(nn.Module):
         return {i: b.ffn for i, b in enumerate(self.blocks) if b.is_moe}
 
     def forward_features(self, x_BCHW: Tensor) -> Tensor:
+        return self._features(x_BCHW)[0]
+
+    def _features(self, x_BCHW: Tensor) -> tuple[Tensor, ModelAux]:
+        """Final-norm tokens and the live (differentiable) aux of this forward."""
         x = self.patch_embed(x_BCHW)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
@@ -213,8 +223,9 @@ class VisionTransformer(nn.Module):
                 prefix, patches = x[:, : self.num_prefix], x[:, self.num_prefix :]
                 x = torch.cat([prefix, self.patch_merger(patches)], dim=1)
         loss = sum((a.loss for a in layers.values()), x.new_zeros((), dtype=torch.float32))
-        self.last_aux = ModelAux(loss, layers)
-        return self.norm(x)
+        aux = ModelAux(loss, layers)
+        self.last_aux = aux.detached()
+        return self.norm(x), aux
 
     def forward_head(self, x_BND: Tensor, pre_logits: bool = False) -> Tensor:
         if self.config.classifier == "token":
@@ -235,8 +246,9 @@ class VisionTransformer(nn.Module):
 
     def forward(self, x_BCHW: Tensor, return_aux: bool = False):
         """Logits ``(B, C)``; E^3 models return member logits ``(B, M, C)``."""
-        logits = self.forward_head(self.forward_features(x_BCHW))
+        tokens, aux = self._features(x_BCHW)
+        logits = self.forward_head(tokens)
         members = self.config.ensemble_members
         if members > 1:
             logits = logits.view(-1, members, logits.shape[-1])
-        return (logits, self.last_aux) if return_aux else logits
+        return (logits, aux) if return_aux else logits

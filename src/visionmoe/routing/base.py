@@ -38,6 +38,9 @@ class SparseRouter(nn.Module):
         self, dim: int, num_experts: int, capacity_factor: float, eval_capacity_factor: float | None
     ) -> None:
         super().__init__()
+        for name, value in (("dim", dim), ("num_experts", num_experts)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
         self.num_experts = num_experts
         self.proj = nn.Linear(dim, num_experts, bias=False)
         lecun_normal_(self.proj.weight)

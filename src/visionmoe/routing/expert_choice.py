@@ -12,6 +12,8 @@ inference.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -21,14 +23,27 @@ from visionmoe.routing.capacity import compute_capacity
 from visionmoe.routing.plan import RoutingPlan
 
 
+def _check_capacity(gates_GSE: Tensor, capacity) -> None:
+    if gates_GSE.dim() != 3:
+        raise ValueError(f"gates must have shape (G, S, E), got {tuple(gates_GSE.shape)}")
+    S = gates_GSE.shape[1]
+    if isinstance(capacity, bool) or not isinstance(capacity, int) or not 1 <= capacity <= S:
+        raise ValueError(
+            f"capacity must be an integer in [1, {S}] (an expert picks at most the S={S} tokens "
+            f"of its group), got {capacity!r}"
+        )
+
+
 def expert_choice_assign(gates_GSE: Tensor, capacity: int) -> tuple[Tensor, Tensor]:
     """Index form: ``(token_GEC, gate_GEC)``, the tokens each expert picks and their gates."""
+    _check_capacity(gates_GSE, capacity)
     gate_GEC, token_GEC = torch.topk(gates_GSE.transpose(1, 2), capacity, dim=-1)
     return token_GEC, gate_GEC
 
 
 def expert_choice_dispatch(gates_GSE: Tensor, capacity: int) -> tuple[Tensor, Tensor]:
     """Dense reference form: ``(combine_GSEC, dispatch_GSEC)`` for expert-choice routing."""
+    _check_capacity(gates_GSE, capacity)
     G, S, E = gates_GSE.shape
     token_GEC, _ = expert_choice_assign(gates_GSE, capacity)
     dispatch_GECS = F.one_hot(token_GEC, S).to(gates_GSE.dtype)
@@ -63,8 +78,16 @@ class ExpertChoiceRouter(SparseRouter):
             ("capacity_factor", capacity_factor),
             ("eval_capacity_factor", eval_capacity_factor),
         ):
-            if value is not None and not value > 0:
-                raise ValueError(f"{name} must be a number > 0, got {value!r}")
+            if value is not None and (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not 0 < value < math.inf
+            ):
+                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        if isinstance(noise_std, bool) or not isinstance(noise_std, (int, float)):
+            raise ValueError(f"noise_std must be a finite number >= 0, got {noise_std!r}")
+        if not 0 <= noise_std < math.inf:
+            raise ValueError(f"noise_std must be a finite number >= 0, got {noise_std!r}")
         super().__init__(dim, num_experts, capacity_factor, eval_capacity_factor)
         self.noise_std = noise_std
         self.capacity_rounding = capacity_rounding

@@ -13,7 +13,7 @@ parallelism) and a compact one that touches only kept assignments (CPU).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, MutableMapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
@@ -85,6 +85,10 @@ class RoutingPlan:
     assignments_per_token: int
     aux_loss: Tensor
     metrics: MutableMapping[str, Tensor] = field(default_factory=dict)
+
+    def detached(self) -> RoutingPlan:
+        """A copy whose tensors hold no autograd graph (``metrics`` is shared)."""
+        return replace(self, weight=self.weight.detach(), aux_loss=self.aux_loss.detach())
 
     @property
     def buffer_idx(self) -> Tensor:
@@ -205,6 +209,6 @@ def routing_metrics(
 
 
 def lazy_routing_metrics(plan: RoutingPlan, gates_TE: Tensor) -> LazyMetrics:
-    """:func:`routing_metrics`, computed when first read."""
-    gates_TE = gates_TE.detach()
+    """:func:`routing_metrics`, computed when first read (holds no autograd graph)."""
+    gates_TE, plan = gates_TE.detach(), plan.detached()
     return LazyMetrics(lambda: routing_metrics(plan, gates_TE))

@@ -39,8 +39,17 @@ class SoftRouter(nn.Module):
         self, dim: int, num_experts: int, slots_per_expert: int = 1, noise_std: float = 0.0
     ):
         super().__init__()
-        if slots_per_expert < 1:
-            raise ValueError(f"slots_per_expert must be >= 1, got {slots_per_expert!r}")
+        for name, value in (
+            ("dim", dim),
+            ("num_experts", num_experts),
+            ("slots_per_expert", slots_per_expert),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if isinstance(noise_std, bool) or not isinstance(noise_std, (int, float)):
+            raise ValueError(f"noise_std must be a finite number >= 0, got {noise_std!r}")
+        if not 0 <= noise_std < math.inf:
+            raise ValueError(f"noise_std must be a finite number >= 0, got {noise_std!r}")
         self.num_experts = num_experts
         self.slots_per_expert = slots_per_expert
         self.noise_std = noise_std

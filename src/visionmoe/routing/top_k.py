@@ -14,6 +14,8 @@ auxiliary importance / load losses.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -24,6 +26,23 @@ from visionmoe.routing.capacity import compute_capacity
 from visionmoe.routing.plan import RoutingPlan
 
 BPR_SCORES = ("max", "sum_topk")
+
+
+def _check_routing_args(gates_GSE: Tensor, k, capacity, batch_priority, bpr_score) -> None:
+    """ValueError naming the argument, its value and what is allowed."""
+    if gates_GSE.dim() != 3:
+        raise ValueError(f"gates must have shape (G, S, E), got {tuple(gates_GSE.shape)}")
+    num_experts = gates_GSE.shape[-1]
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= num_experts:
+        raise ValueError(f"k must be an integer in [1, {num_experts}] (E experts), got {k!r}")
+    if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
+        raise ValueError(
+            f"capacity must be a positive integer (slots per expert), got {capacity!r}"
+        )
+    if not isinstance(batch_priority, bool):
+        raise ValueError(f"batch_priority must be True or False, got {batch_priority!r}")
+    if bpr_score not in BPR_SCORES:
+        raise ValueError(f"bpr_score must be one of {BPR_SCORES}, got {bpr_score!r}")
 
 
 def _priority_order(vals_GSK: Tensor, batch_priority: bool, bpr_score: str) -> Tensor | None:
@@ -54,6 +73,7 @@ def top_k_assign(
     position in its expert's buffer (may be >= capacity when dropped), the chosen gate values, and
     whether the assignment fits (``slot < capacity``).
     """
+    _check_routing_args(gates_GSE, k, capacity, batch_priority, bpr_score)
     G, S, E = gates_GSE.shape
     vals_GSK, expert_GSK = _top_k(gates_GSE, k)
     order_GS = _priority_order(vals_GSK, batch_priority, bpr_score)
@@ -87,6 +107,7 @@ def top_k_dispatch(
     Written independently of :func:`top_k_assign` (one pass per choice rank, carrying buffer fill
     levels) so the two can check each other. Memory is O(G*S*E*C): for tests and small inputs.
     """
+    _check_routing_args(gates_GSE, k, capacity, batch_priority, bpr_score)
     G, S, E = gates_GSE.shape
     vals_GSK, expert_GSK = _top_k(gates_GSE, k)
     order_GS = _priority_order(vals_GSK, batch_priority, bpr_score)
@@ -109,6 +130,12 @@ def top_k_dispatch(
         ).to(dispatch_GSEC.dtype)
     combine_GSEC = dispatch_GSEC * gates_GSE.unsqueeze(-1)
     return combine_GSEC, dispatch_GSEC
+
+
+def _check_number(name: str, value) -> None:
+    """A finite number >= 0 (noise std, loss weights)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
 
 
 class TokenChoiceRouter(SparseRouter):
@@ -148,8 +175,7 @@ class TokenChoiceRouter(SparseRouter):
     ) -> None:
         if bpr_score not in BPR_SCORES:
             raise ValueError(f"bpr_score must be one of {BPR_SCORES}, got {bpr_score!r}")
-        if noise_std < 0:
-            raise ValueError(f"noise_std must be >= 0, got {noise_std!r}")
+        _check_number("noise_std", noise_std)
         super().__init__(dim, num_experts, capacity_factor, eval_capacity_factor)
         self.top_k = top_k
         self.noise_std = noise_std
@@ -162,6 +188,8 @@ class TokenChoiceRouter(SparseRouter):
         self.load_weight = load_weight
         self.gshard_weight = gshard_weight
         self.z_loss_weight = z_loss_weight
+        for name in ("importance_weight", "load_weight", "gshard_weight", "z_loss_weight"):
+            _check_number(name, getattr(self, name))
         self.validate()
 
     def validate(self) -> None:
@@ -180,8 +208,17 @@ class TokenChoiceRouter(SparseRouter):
             value = getattr(self, name)
             if value is None and name == "eval_capacity_factor":
                 continue
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-                raise ValueError(f"{name} must be a number > 0, got {value!r}")
+            if (
+                not isinstance(value, (int, float))
+                or isinstance(value, bool)
+                or not 0 < value < math.inf
+            ):
+                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        for name in ("batch_priority", "renormalize"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.bpr_score not in BPR_SCORES:
+            raise ValueError(f"bpr_score must be one of {BPR_SCORES}, got {self.bpr_score!r}")
 
     @property
     def experts_per_choice(self) -> int:

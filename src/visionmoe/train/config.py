@@ -17,6 +17,7 @@ from typing import Any
 
 from visionmoe.data import DATASET_KINDS
 from visionmoe.models.config import MoEConfig, ViTConfig
+from visionmoe.models.field_types import check_field_types
 from visionmoe.models.limoe import TextConfig
 from visionmoe.models.registry import MOE_FIELDS, VIT_FIELDS, apply_overrides
 
@@ -56,6 +57,7 @@ class DataConfig:
     worker_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
+        check_field_types(self, "data.")
         _check(
             self.kind in DATASET_KINDS,
             f"data.kind must be one of {DATASET_KINDS}, got {self.kind!r}",
@@ -94,6 +96,7 @@ class OptimConfig:
     decay_kernels_only: bool = True
 
     def __post_init__(self) -> None:
+        check_field_types(self, "optim.")
         _check(
             self.name in OPTIMIZERS, f"optim.name must be one of {OPTIMIZERS}, got {self.name!r}"
         )
@@ -114,6 +117,7 @@ class ScheduleConfig:
     end_lr: float = 1e-5
 
     def __post_init__(self) -> None:
+        check_field_types(self, "schedule.")
         _check(
             self.name in SCHEDULES, f"schedule.name must be one of {SCHEDULES}, got {self.name!r}"
         )
@@ -140,6 +144,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
 
     def __post_init__(self) -> None:
+        check_field_types(self, "train.")
         for name in (
             "steps",
             "batch_size",
@@ -154,6 +159,10 @@ class TrainConfig:
                 f"train.{name} must be a positive integer, got {value!r}",
             )
         _check(self.seed >= 0, f"train.seed must be >= 0, got {self.seed}")
+        _check(
+            self.threads is None or self.threads > 0,
+            f"train.threads must be a positive integer or None (all cores), got {self.threads}",
+        )
         _check(self.loss in LOSSES, f"train.loss must be one of {LOSSES}, got {self.loss!r}")
         _check(
             0 <= self.label_smoothing < 1,
