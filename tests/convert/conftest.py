@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -31,8 +32,12 @@ def random_vmoe_tree(
     representation: int | None = 8,
     in_chans: int = 3,
     members: int = 1,
+    soft_slots: int | None = None,
 ) -> dict:
-    """A random nested vmoe parameter tree in float32 (token classifier, learned posemb)."""
+    """A random nested vmoe parameter tree in float32 (token classifier, learned posemb).
+
+    ``soft_slots`` gives the MoE blocks a Soft MoE router (``mu (D, E, slots)``, ``scale ()``).
+    """
     rng = np.random.default_rng(seed)
 
     def normal(*shape, std=0.3):
@@ -68,6 +73,11 @@ def random_vmoe_tree(
                 },
                 "Router": {"dense": {"kernel": router}},
             }
+            if soft_slots is not None:
+                block["Moe"]["Router"] = {
+                    "mu": normal(d, e, soft_slots, std=1.0),
+                    "scale": np.array(3.0, dtype=np.float32),
+                }
         else:
             block["Mlp"] = {
                 "Dense_0": {"kernel": normal(d, mlp), "bias": normal(mlp, std=0.1)},
@@ -137,6 +147,35 @@ def _moe_reference(x_btd, p, k, capacity_factor, group_images, gelu):
     return out.reshape(b, t, d), dropped
 
 
+def _bf16(x):
+    """Round to bfloat16 and back (vmoe's Soft MoE dispatch precision).
+
+    vmoe rounds float32 activations; going through float32 first does the same to float64 ones.
+    """
+    return x.astype(np.float32).astype(ml_dtypes.bfloat16).astype(np.float64)
+
+
+def _soft_moe_reference(x_btd, p, group_tokens, gelu, bf16):
+    """Soft MoE as in the spec: groups of ``group_tokens`` consecutive tokens, row-major."""
+    b, t, d = x_btd.shape
+    mu, scale = p["Router"]["mu"].astype(np.float64), float(p["Router"]["scale"])
+    mu_n = mu / np.sqrt((mu**2).sum(0, keepdims=True) + 1e-6)  # unit slot columns
+    w0, b0 = p["Mlp"]["Dense_0"]["kernel"], p["Mlp"]["Dense_0"]["bias"]
+    w1, b1 = p["Mlp"]["Dense_1"]["kernel"], p["Mlp"]["Dense_1"]["bias"]
+    e, slots = mu.shape[1:]
+    out = []
+    for xs in x_btd.reshape(-1, group_tokens, d):
+        xn = xs / np.sqrt((xs**2).sum(-1, keepdims=True) + 1e-6)
+        logits = scale * np.einsum("sd,dnp->snp", xn, mu_n)
+        dispatch = _softmax(logits, axis=0)  # each slot: convex mix of the group's tokens
+        combine = _softmax(logits.reshape(group_tokens, -1)).reshape(logits.shape)  # all slots
+        slot_in = np.einsum("snp,sd->npd", dispatch, _bf16(xs) if bf16 else xs)
+        expert_out = np.stack([gelu(slot_in[n] @ w0[n] + b0[n]) @ w1[n] + b1[n] for n in range(e)])
+        expert_out = _bf16(expert_out) if bf16 else expert_out
+        out.append(np.einsum("snp,npd->sd", combine, expert_out))
+    return np.concatenate(out).reshape(b, t, d)
+
+
 def flax_vit_reference(
     tree: dict,
     images: np.ndarray,
@@ -148,8 +187,14 @@ def flax_vit_reference(
     group_images: int = 8,
     posemb_excludes_cls: bool = False,
     stats: dict | None = None,
+    soft_group_tokens: int | None = None,
+    soft_bf16: bool = False,
 ) -> np.ndarray:
-    """Logits of a vmoe-layout ViT tree (float64), written from the spec, for parity tests."""
+    """Logits of a vmoe-layout ViT tree (float64), written from the spec, for parity tests.
+
+    Soft MoE blocks (a ``Router/mu``) mix groups of ``soft_group_tokens`` tokens (default one
+    image), rounding to bfloat16 around the experts when ``soft_bf16``.
+    """
     p = tree
     x = images.astype(np.float64).transpose(0, 2, 3, 1)  # NHWC
     kernel = p["embedding"]["kernel"].astype(np.float64)
@@ -181,7 +226,10 @@ def flax_vit_reference(
         o = np.einsum("bhqs,bshk->bqhk", weights, v)
         x = x + np.einsum("bqhk,hkd->bqd", o, att["out"]["kernel"]) + att["out"]["bias"]
         y = _ln(x, blk["LayerNorm_1"]["scale"], blk["LayerNorm_1"]["bias"], eps)
-        if "Moe" in blk:
+        if "Moe" in blk and "mu" in blk["Moe"]["Router"]:
+            group = soft_group_tokens or x.shape[1]
+            x = x + _soft_moe_reference(y, blk["Moe"], group, gelu, soft_bf16)
+        elif "Moe" in blk:
             out, dropped = _moe_reference(y, blk["Moe"], top_k, capacity_factor, group_images, gelu)
             if stats is not None:
                 stats[i] = dropped

@@ -242,8 +242,10 @@ def vmoe_model_config(
     if merged.get("moe_layers"):
         moe_defaults = dict(VMOE_MOE_DEFAULTS)
         if merged.get("router") == "soft":
+            # One image per group unless the caller sets vmoe's group_size (tokens); vmoe's Soft
+            # MoE router always dispatches in bfloat16, so converted models do too by default.
             moe_defaults.update(group_images=1, noise_std=0.0, importance_weight=0.0)
-            moe_defaults.update(load_weight=0.0)
+            moe_defaults.update(load_weight=0.0, bf16_dispatch=True)
         merged = {**moe_defaults, **merged}
     width = merged.pop("hidden_size")
     base = ViTConfig(hidden_size=width, num_heads=merged.pop("num_heads", max(1, width // 64)))

@@ -90,7 +90,7 @@ def check_layout(config: ExperimentConfig, world_size: int, expert_parallel: int
     moe = config.model.moe if config.model.moe_layers else None
     check_expert_parallel(moe.num_experts if moe else n, n, world_size)
     notes = []
-    if moe is not None and moe.router != "soft":
+    if moe is not None:
         local_tokens = batch // world_size * config.model.num_tokens
         if moe.group_size is not None:
             group = moe.group_size

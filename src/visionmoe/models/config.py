@@ -56,7 +56,11 @@ class MoEConfig:
     """One config for the MoE layers of a model (all MoE blocks share it).
 
     Routing groups: ``group_size`` tokens if set, else ``group_images`` whole images (V-MoE: 8;
-    Expert Choice / Soft MoE: 1); ``group_images=None`` routes the whole batch as one group.
+    Expert Choice / Soft MoE: 1); ``group_images=None`` routes the whole batch as one group
+    (sparse routers only). Groups are cut from the row-major ``(B*L, D)`` tokens, so with every
+    router a group may span several images (vmoe Soft MoE: ``group_size = k * L``).
+    ``bf16_dispatch`` (Soft MoE only, default off) rounds the dispatched tokens and the expert
+    outputs to bfloat16 as vmoe's Soft MoE router always does (float32 differs by ~1e-3).
     ``bpr_score="sum_topk"`` is an unverified alternative to the reference top-1 priority.
     """
 
@@ -82,6 +86,7 @@ class MoEConfig:
     expert_dropout: float = 0.0
     dispatch: str = "auto"
     ensemble_members: int = 1
+    bf16_dispatch: bool = False
 
     def __post_init__(self) -> None:
         check_field_types(self)
@@ -104,6 +109,10 @@ class MoEConfig:
         _choice("expert_init", self.expert_init, EXPERT_INITS)
         _choice("dispatch", self.dispatch, DISPATCH_MODES)
         _positive_int("ensemble_members", self.ensemble_members)
+        if not isinstance(self.bf16_dispatch, bool):
+            raise ValueError(f"bf16_dispatch must be true or false, got {self.bf16_dispatch!r}")
+        if self.bf16_dispatch and self.router != "soft":
+            raise ValueError(f"bf16_dispatch needs router='soft', got router={self.router!r}")
         if self.num_experts % self.ensemble_members:
             raise ValueError(
                 f"num_experts={self.num_experts} must be divisible by "

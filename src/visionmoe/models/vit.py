@@ -53,7 +53,18 @@ def build_ffn(config: ViTConfig, index: int) -> nn.Module:
     if index not in config.moe_layers or moe is None:
         return Mlp(d, f, config.gelu, config.dropout)
     tokens = config.tokens_at_block(index)
+    if moe.group_size is not None:
+        group_size = moe.group_size
+    elif moe.group_images is not None:
+        group_size = moe.group_images * tokens
+    else:
+        group_size = None
     if moe.router == "soft":
+        if group_size is None:
+            raise ValueError(
+                "router='soft' mixes groups of a fixed size: set moe.group_size (tokens) or "
+                "moe.group_images (images), not both None"
+            )
         return SoftMoE(
             d,
             f,
@@ -65,13 +76,9 @@ def build_ffn(config: ViTConfig, index: int) -> nn.Module:
             config.gelu,
             moe.expert_dropout,
             moe.expert_init,
+            group_size=group_size,
+            bf16_dispatch=moe.bf16_dispatch,
         )
-    if moe.group_size is not None:
-        group_size = moe.group_size
-    elif moe.group_images is not None:
-        group_size = moe.group_images * tokens
-    else:
-        group_size = None
     router_kwargs = {
         "noise_std": moe.noise_std,
         "capacity_rounding": moe.capacity_rounding,

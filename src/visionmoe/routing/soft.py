@@ -1,9 +1,10 @@
 """Soft MoE routing (Puigcerver et al., arXiv 2308.00951).
 
-Shape legend: B images (one routing group each), M tokens per image, D width, N experts,
-P slots per expert.
+Shape legend: B routing groups, M tokens per group, D width, N experts, P slots per expert. A
+group is one image or, as in vmoe, ``group_size`` consecutive tokens spanning several images (the
+layer cuts the groups, see ``layers/moe.py``).
 
-Every slot takes a convex combination of all tokens of its image (dispatch: softmax over tokens)
+Every slot takes a convex combination of all tokens of its group (dispatch: softmax over tokens)
 and every token takes a convex combination of all slot outputs (combine: softmax over slots).
 Logits are cosine similarities between tokens and learned slot vectors times a learned scale, so
 the softmaxes do not saturate as D grows. Fully differentiable: the router gets its gradient
