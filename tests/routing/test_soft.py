@@ -85,7 +85,7 @@ def test_groups_span_images_and_a_last_partial_group(bf16):
 def test_config_refuses_what_soft_moe_cannot_do():
     with pytest.raises(ValueError, match="bf16_dispatch needs router='soft'"):
         MoEConfig(router="top_k", bf16_dispatch=True)
-    with pytest.raises(ValueError, match="bf16_dispatch must be true or false"):
+    with pytest.raises(ValueError, match="bf16_dispatch must be True/False"):
         MoEConfig(router="soft", bf16_dispatch="yes")
     config = replace(get_config("softmoe_debug"), moe=MoEConfig(router="soft", group_images=None))
     with pytest.raises(ValueError, match="set moe.group_size"):

@@ -109,8 +109,6 @@ class MoEConfig:
         _choice("expert_init", self.expert_init, EXPERT_INITS)
         _choice("dispatch", self.dispatch, DISPATCH_MODES)
         _positive_int("ensemble_members", self.ensemble_members)
-        if not isinstance(self.bf16_dispatch, bool):
-            raise ValueError(f"bf16_dispatch must be true or false, got {self.bf16_dispatch!r}")
         if self.bf16_dispatch and self.router != "soft":
             raise ValueError(f"bf16_dispatch needs router='soft', got router={self.router!r}")
         if self.num_experts % self.ensemble_members:
