@@ -11,47 +11,65 @@ from torch import nn
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256) -> dict:
+def evaluate(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int = 256,
+    precision: str = "fp32",
+) -> dict:
     """Evaluate in eval mode; returns accuracy, loss, compute fraction and wall time.
 
+    Runs on the model's device (batches of ``x``, ``y`` are moved there) in ``precision``
+    (``fp32`` or ``bf16`` autocast); counts stay on the device until the end.
     ``compute_frac`` is the fraction of token-expert assignments actually processed by the sparse
     MoE layers (1.0 means nothing was dropped), averaged over layers and weighted by tokens.
     For E^3 models (member logits ``(B, M, C)``) accuracy and ``loss`` (NLL) use the ensemble
     prediction ``mean_m softmax(logits_m)``; ``member_accuracy`` and ``ece`` are added.
     """
     batches = ((x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(y), batch_size))
-    return evaluate_batches(model, batches)
+    return evaluate_batches(model, batches, precision)
 
 
 @torch.no_grad()
 def evaluate_batches(
-    model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    precision: str = "fp32",
 ) -> dict:
     """:func:`evaluate` over model-ready ``(x, y)`` batches (e.g. streamed from a loader)."""
     from visionmoe.models.ensemble import ensemble_log_probs, expected_calibration_error
+    from visionmoe.runtime import autocast
 
     was_training = model.training
     model.eval()
-    correct, loss_sum, processed, possible, n = 0, 0.0, 0.0, 0.0, 0
+    device = next(model.parameters()).device
+    zero = torch.zeros((), dtype=torch.float64, device=device)
+    correct, loss_sum, processed, possible, n = zero, zero, zero, 0.0, 0
     member_correct, all_probs, all_targets = None, [], []
     start = time.perf_counter()
     for x, target in batches:
-        logits, aux = model(x, return_aux=True)
+        x = x.to(device, non_blocking=True)
+        target = target.to(device, non_blocking=True)
+        with autocast(device, precision):
+            logits, aux = model(x, return_aux=True)
         n += len(target)
         if logits.ndim == 3:
             member_hits = (logits.argmax(-1) == target[:, None]).sum(0)
             member_correct = member_hits if member_correct is None else member_correct + member_hits
             log_probs = ensemble_log_probs(logits)
-            all_probs.append(log_probs.exp())
-            all_targets.append(target)
+            all_probs.append(log_probs.exp().cpu())
+            all_targets.append(target.cpu())
         else:
             log_probs = torch.log_softmax(logits.float(), -1)
-        correct += int((log_probs.argmax(-1) == target).sum())
-        loss_sum += float(F.nll_loss(log_probs, target, reduction="sum"))
+        correct = correct + (log_probs.argmax(-1) == target).sum()
+        loss_sum = loss_sum + F.nll_loss(log_probs, target, reduction="sum").double()
         for layer in aux.layers.values():
             if layer.plan is not None:
-                processed += float(layer.metrics["tokens_processed"])
+                processed = processed + layer.metrics["tokens_processed"].double()
                 possible += layer.plan.num_tokens * layer.plan.assignments_per_token
+    # Counts stay on the device until here: one read for the whole evaluation.
+    correct, loss_sum, processed = torch.stack([correct, loss_sum, processed]).tolist()
     seconds = time.perf_counter() - start
     model.train(was_training)
     extra = {}
@@ -60,7 +78,7 @@ def evaluate_batches(
         extra["ece"] = expected_calibration_error(torch.cat(all_probs), torch.cat(all_targets))
     return {
         **extra,
-        "accuracy": correct / max(n, 1),
+        "accuracy": int(correct) / max(n, 1),
         "loss": loss_sum / max(n, 1),
         "compute_frac": processed / possible if possible else 1.0,
         "seconds": seconds,

@@ -56,7 +56,7 @@ def class_embeddings(
     tokenizer = tokenizer or Tokenizer()
     flat = [p for per_class in prompts for p in per_class]
     tokens = tokenizer.encode_batch(flat, model.text_config.max_len)
-    emb = model.encode_text(tokens)
+    emb = model.encode_text(tokens.to(next(model.parameters()).device)).float()
     out, start = [], 0
     for per_class in prompts:
         out.append(emb[start : start + len(per_class)].mean(dim=0))
@@ -72,18 +72,26 @@ def zeroshot_accuracy(
     prompts: Sequence[Sequence[str]],
     tokenizer: Tokenizer | None = None,
     batch_size: int = 256,
+    precision: str = "fp32",
 ) -> dict:
-    """Accuracy of nearest-class-text prediction on model-ready images ``x`` (eval mode)."""
+    """Accuracy of nearest-class-text prediction on model-ready images ``x`` (eval mode), on the
+    model's device in ``precision`` (``fp32`` or ``bf16`` autocast)."""
+    from visionmoe.runtime import autocast
+
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     try:
-        classes = class_embeddings(model, prompts, tokenizer)
-        predictions = torch.cat(
-            [
-                (model.encode_image(x[i : i + batch_size]) @ classes.T).argmax(dim=-1)
-                for i in range(0, len(x), batch_size)
-            ]
-        )
+        with autocast(device, precision):
+            classes = class_embeddings(model, prompts, tokenizer)
+            predictions = torch.cat(
+                [
+                    (model.encode_image(x[i : i + batch_size].to(device)).float() @ classes.T)
+                    .argmax(dim=-1)
+                    .cpu()
+                    for i in range(0, len(x), batch_size)
+                ]
+            )
     finally:
         model.train(was_training)
     return {

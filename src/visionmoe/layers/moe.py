@@ -209,8 +209,9 @@ class SoftMoE(nn.Module):
                 "dispatch_min": torch.cat(dispatch_min).mean(),
                 "dispatch_max": torch.cat(dispatch_max).mean(),
                 "scale": self.router.scale.detach().float(),
-                "tokens_processed": torch.tensor(float(groups * E * P)),
-                "compute_frac": torch.tensor(groups * E * P / (B * L)),
+                # Filled on the device: torch.tensor(value, device=...) would copy and sync.
+                "tokens_processed": torch.full((), float(groups * E * P), device=x_BLD.device),
+                "compute_frac": torch.full((), groups * E * P / (B * L), device=x_BLD.device),
             }
         y_BLD = y_TD.view(B, L, D).to(x_BLD.dtype)
         return y_BLD, MoEAux(x_BLD.new_zeros((), dtype=torch.float32), metrics)

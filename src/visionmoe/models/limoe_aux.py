@@ -70,15 +70,20 @@ class LIMoEAux:
         """A copy holding no autograd graph (what ``model.last_aux`` keeps)."""
         return LIMoEAux(self.loss.detach(), {i: a.detached() for i, a in self.layers.items()})
 
-    def metrics(self, prefix: str = "moe") -> dict[str, float]:
-        """Scalars as ``moe/layer<i>/<name>`` (mixed pool), ``moe/layer<i>/<modality>/<name>``."""
+    def metric_tensors(self, prefix: str = "moe") -> dict[str, Tensor]:
+        """0-dim metric tensors as ``moe/layer<i>/<name>`` (mixed pool) and
+        ``moe/layer<i>/<modality>/<name>``, left on their device."""
         out = {}
         for index, layer in self.layers.items():
             for name, value in layer.moe.metrics.items():
                 if value.numel() == 1:
-                    out[f"{prefix}/layer{index}/{name}"] = float(value)
+                    out[f"{prefix}/layer{index}/{name}"] = value.detach().reshape(())
             for modality, metrics in layer.modality.items():
                 for name, value in metrics.items():
                     if value.numel() == 1:
-                        out[f"{prefix}/layer{index}/{modality}/{name}"] = float(value)
+                        out[f"{prefix}/layer{index}/{modality}/{name}"] = value.detach().reshape(())
         return out
+
+    def metrics(self, prefix: str = "moe") -> dict[str, float]:
+        """:meth:`metric_tensors` as plain floats."""
+        return {k: float(v) for k, v in self.metric_tensors(prefix).items()}

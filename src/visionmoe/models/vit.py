@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from visionmoe.layers.attention import Attention
 from visionmoe.layers.mlp import Mlp
@@ -35,14 +36,18 @@ class ModelAux:
         """A copy holding no autograd graph (what ``model.last_aux`` keeps)."""
         return ModelAux(self.loss.detach(), {i: a.detached() for i, a in self.layers.items()})
 
-    def metrics(self, prefix: str = "moe") -> dict[str, float]:
-        """Scalar metrics as plain floats named ``moe/layer<i>/<name>`` (vectors skipped)."""
+    def metric_tensors(self, prefix: str = "moe") -> dict[str, Tensor]:
+        """Scalar metrics as 0-dim tensors on their device, ``moe/layer<i>/<name>``."""
         out = {}
         for index, aux in self.layers.items():
             for name, value in aux.metrics.items():
                 if value.numel() == 1:
-                    out[f"{prefix}/layer{index}/{name}"] = float(value)
+                    out[f"{prefix}/layer{index}/{name}"] = value.detach().reshape(())
         return out
+
+    def metrics(self, prefix: str = "moe") -> dict[str, float]:
+        """Scalar metrics as plain floats named ``moe/layer<i>/<name>`` (vectors skipped)."""
+        return {k: float(v) for k, v in self.metric_tensors(prefix).items()}
 
 
 def build_ffn(config: ViTConfig, index: int) -> nn.Module:
@@ -120,8 +125,16 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(d, eps=eps)
         self.ffn = ffn
         self.is_moe = isinstance(ffn, (SparseMoE, SoftMoE))
+        # Activation checkpointing: keep only the block input in training and recompute the rest
+        # in the backward pass (same random draws: the RNG state is replayed).
+        self.remat = False
 
     def forward(self, x: Tensor) -> tuple[Tensor, MoEAux | None]:
+        if self.remat and self.training and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, use_reentrant=False)
+        return self._forward(x)
+
+    def _forward(self, x: Tensor) -> tuple[Tensor, MoEAux | None]:
         x = x + self.attn(self.norm1(x))
         if self.is_moe:
             y, aux = self.ffn(self.norm2(x))

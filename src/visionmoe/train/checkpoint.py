@@ -10,6 +10,10 @@ A checkpoint is written into a temporary directory, flushed to disk, then rename
 and only then does ``latest`` move (itself replaced atomically), so a crash mid-save leaves the
 previous checkpoint untouched. ``meta.json`` records the SHA-256 of every file; a truncated or
 altered file is refused, never loaded. Nothing is unpickled.
+
+``optimizer.safetensors`` also holds the random generators' states: ``rng.torch`` (CPU) and,
+when CUDA is available, ``rng.cuda.<i>`` for every visible CUDA device, so router noise and
+dropout continue exactly on resume.
 """
 
 from __future__ import annotations
@@ -65,6 +69,27 @@ def _tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
 
 
+def rng_state() -> dict[str, torch.Tensor]:
+    """The CPU generator's state as ``rng.torch`` and each CUDA device's as ``rng.cuda.<i>``."""
+    state = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for index, cuda_state in enumerate(torch.cuda.get_rng_state_all()):
+            state[f"rng.cuda.{index}"] = cuda_state
+    return state
+
+
+def restore_rng_state(cpu: torch.Tensor, cuda: list[torch.Tensor] | None = None) -> None:
+    """Set the CPU generator and, if saved and CUDA is available, the CUDA generators.
+
+    A checkpoint saved with more CUDA devices than are visible now restores the first ones;
+    one saved without CUDA leaves the CUDA generators as they are.
+    """
+    torch.set_rng_state(cpu)
+    if cuda and torch.cuda.is_available():
+        visible = torch.cuda.device_count()
+        torch.cuda.set_rng_state_all(list(cuda)[:visible])
+
+
 def optimizer_to_flat(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
     """Split an optimizer state dict into tensors (for safetensors) and JSON-able hyperparams."""
     state = optimizer.state_dict()
@@ -114,7 +139,7 @@ def save_checkpoint(
     }
     if optimizer is not None:
         opt_tensors, meta["optimizer"] = optimizer_to_flat(optimizer)
-        opt_tensors["rng.torch"] = torch.get_rng_state()
+        opt_tensors.update(rng_state())
         files["optimizer.safetensors"] = _tensors(opt_tensors)
     meta["sha256"] = {}
     for filename, tensors in files.items():
@@ -159,7 +184,11 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
 
 
 def load_checkpoint(path: str | os.PathLike, with_optimizer: bool = False) -> dict[str, Any]:
-    """Read and verify a checkpoint. Returns ``{"meta", "model", "optimizer"?, "rng"?}``."""
+    """Read and verify a checkpoint.
+
+    Returns ``{"meta", "model"}``, plus with ``with_optimizer`` ``"optimizer"``, ``"rng"`` (the CPU
+    generator state) and ``"rng_cuda"`` (list of CUDA generator states, empty if none was saved).
+    """
     ckpt = resolve_checkpoint(path)
     try:
         meta = json.loads((ckpt / "meta.json").read_text())
@@ -182,5 +211,7 @@ def load_checkpoint(path: str | os.PathLike, with_optimizer: bool = False) -> di
     if with_optimizer:
         tensors = out.pop("optimizer")
         out["rng"] = tensors.pop("rng.torch")
+        cuda = sorted((k for k in tensors if k.startswith("rng.cuda.")), key=lambda k: int(k[9:]))
+        out["rng_cuda"] = [tensors.pop(k) for k in cuda]
         out["optimizer"] = optimizer_from_flat(tensors, meta["optimizer"])
     return out

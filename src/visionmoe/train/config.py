@@ -20,6 +20,7 @@ from visionmoe.models.config import MoEConfig, ViTConfig
 from visionmoe.models.field_types import check_field_types
 from visionmoe.models.limoe import TextConfig
 from visionmoe.models.registry import MOE_FIELDS, VIT_FIELDS, apply_overrides
+from visionmoe.runtime import PRECISIONS
 
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "linear", "constant", "rsqrt")
@@ -129,7 +130,15 @@ class ScheduleConfig:
 
 @dataclass(kw_only=True, frozen=True)
 class TrainConfig:
-    """Loop length, batch sizes, seeds and how often to evaluate / checkpoint / log."""
+    """Loop length, batch sizes, seeds and how often to evaluate / checkpoint / log.
+
+    Device and loop features: ``device`` (``auto``: CUDA when available, else CPU; or ``cpu``,
+    ``cuda``, ``cuda:N``); ``precision`` ``fp32`` or ``bf16`` (autocast; routers stay float32);
+    ``grad_accum`` micro-batches per step (``batch_size`` is the whole step's batch and must be a
+    multiple); ``remat`` recomputes each block's activations in the backward pass;
+    ``compile`` runs the model through ``torch.compile``; ``tensorboard`` also writes event files
+    to ``<run>/tensorboard`` (needs the ``tensorboard`` package).
+    """
 
     steps: int = 1000
     batch_size: int = 64
@@ -142,12 +151,19 @@ class TrainConfig:
     log_every: int = 25
     threads: int | None = None
     keep_checkpoints: int = 2
+    device: str = "auto"
+    precision: str = "fp32"
+    grad_accum: int = 1
+    remat: bool = False
+    compile: bool = False
+    tensorboard: bool = False
 
     def __post_init__(self) -> None:
         check_field_types(self, "train.")
         for name in (
             "steps",
             "batch_size",
+            "grad_accum",
             "eval_batch_size",
             "eval_every",
             "checkpoint_every",
@@ -167,6 +183,20 @@ class TrainConfig:
         _check(
             0 <= self.label_smoothing < 1,
             f"train.label_smoothing must be in [0, 1), got {self.label_smoothing}",
+        )
+        _check(
+            self.precision in PRECISIONS,
+            f"train.precision must be one of {PRECISIONS}, got {self.precision!r}",
+        )
+        _check(
+            self.device in ("auto", "cpu", "cuda")
+            or (self.device.startswith("cuda:") and self.device[5:].isdigit()),
+            f"train.device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}",
+        )
+        _check(
+            self.batch_size % self.grad_accum == 0,
+            f"train.batch_size ({self.batch_size}) must be a multiple of train.grad_accum, "
+            f"got grad_accum={self.grad_accum}",
         )
 
 

@@ -35,8 +35,10 @@ from visionmoe.data.captions import (
 from visionmoe.data.text import Tokenizer
 from visionmoe.models.limoe import PAD_ID, LIMoE
 from visionmoe.models.limoe_aux import contrastive_loss
+from visionmoe.runtime import autocast
 from visionmoe.train.checkpoint import atomic_write_text, resolve_checkpoint
 from visionmoe.train.config import ExperimentConfig
+from visionmoe.train.features import prepare_model
 from visionmoe.train.hooks import Checkpoint, MetricsLog
 from visionmoe.train.loop import Hook, TrainState, augment_for_step, fit
 from visionmoe.train.optim import build_optimizer
@@ -118,10 +120,15 @@ def contrastive_step(
     x: torch.Tensor,
     tokens: torch.Tensor,
     config: ExperimentConfig,
-) -> dict[str, float]:
-    """One optimisation step: ``InfoNCE + sum over MoE blocks of the routing losses``."""
+) -> dict[str, torch.Tensor]:
+    """One optimisation step: ``InfoNCE + sum over MoE blocks of the routing losses``.
+
+    Metrics come back as 0-dim tensors on the model's device (read on log steps only).
+    """
     model.train()
-    logits, aux = model(x, tokens, return_aux=True)
+    with autocast(x.device, config.train.precision):
+        logits, aux = model(x, tokens, return_aux=True)
+    logits = logits.float()
     task = contrastive_loss(logits)
     loss = task + aux.loss
     optimizer.zero_grad(set_to_none=True)
@@ -134,14 +141,14 @@ def contrastive_step(
         chosen = tokens[logits.argmax(dim=1)]
         accuracy = (chosen == tokens).all(dim=1).float().mean()
     metrics = {
-        "train/loss": float(loss.detach()),
-        "train/task_loss": float(task.detach()),
-        "train/aux_loss": float(aux.loss.detach()),
-        "train/accuracy": float(accuracy),
-        "train/grad_norm": float(grad_norm),
-        "train/temperature": float(1.0 / model.logit_scale.detach()),
+        "train/loss": loss.detach(),
+        "train/task_loss": task.detach(),
+        "train/aux_loss": aux.loss.detach(),
+        "train/accuracy": accuracy,
+        "train/grad_norm": grad_norm.detach(),
+        "train/temperature": 1.0 / model.logit_scale.detach(),
     }
-    metrics.update(aux.metrics())
+    metrics.update(aux.metric_tensors())
     return metrics
 
 
@@ -151,17 +158,20 @@ def contrastive_fit(state: TrainState, data: PairData, hooks: Sequence[Hook]) ->
 
 
 @torch.no_grad()
-def pair_loss(model: LIMoE, data: PairData, batch_size: int) -> float:
+def pair_loss(model: LIMoE, data: PairData, batch_size: int, precision: str = "fp32") -> float:
     """Mean InfoNCE over test pairs (first caption each), in batches of ``batch_size``.
 
     In-batch negatives: the value depends on ``batch_size`` (bigger batches, harder task).
     """
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     total, count = 0.0, 0
     for i in range(0, len(data), batch_size):
         x, tokens = data.x[i : i + batch_size], data.tokens[i : i + batch_size, 0]
-        total += float(contrastive_loss(model(x, tokens))) * len(x)
+        with autocast(device, precision):
+            logits = model(x.to(device), tokens.to(device))
+        total += float(contrastive_loss(logits.float())) * len(x)
         count += len(x)
     model.train(was_training)
     return total / max(count, 1)
@@ -188,7 +198,8 @@ class ZeroShotEvaluate:
     def run(self, state: TrainState) -> None:
         from visionmoe.eval.zeroshot import zeroshot_accuracy
 
-        result = {"loss": pair_loss(state.model, self.data, self.batch_size)}
+        precision = state.config.train.precision
+        result = {"loss": pair_loss(state.model, self.data, self.batch_size, precision)}
         if self.prompts is not None and self.data.labels is not None:
             scores = zeroshot_accuracy(
                 state.model,
@@ -197,6 +208,7 @@ class ZeroShotEvaluate:
                 self.prompts,
                 self.tokenizer,
                 self.batch_size,
+                precision,
             )
             result["zeroshot_accuracy"] = scores["accuracy"]
         self.last = {f"eval/{self.name}/{k}": v for k, v in result.items()}
@@ -259,13 +271,18 @@ def train_contrastive(
     if splits.train.class_names is not None:
         atomic_write_text(run_dir / "classes.json", json.dumps(splits.train.class_names))
 
-    model = LIMoE(config.model, config.text)
+    if config.train.grad_accum > 1:
+        raise ValueError(
+            "train.grad_accum > 1 is not supported for image-text runs: the contrastive loss "
+            "takes its negatives from the whole batch, so micro-batches would change it"
+        )
+    model, _ = prepare_model(LIMoE(config.model, config.text), config)
     optimizer = build_optimizer(model, config.optim)
     start_step = ckpt["meta"]["step"] if ckpt is not None else 0
     notes = restore_or_init(model, optimizer, run_dir, ckpt, init, load_init_limoe)
 
     train = config.train
-    log = MetricsLog(run_dir, train.log_every, train.steps, start_step, progress)
+    log = MetricsLog(run_dir, train.log_every, train.steps, start_step, progress, train.tensorboard)
     evaluator = ZeroShotEvaluate(
         test_data, splits.name, prompts, tokenizer, train.eval_every, train.eval_batch_size, log
     )

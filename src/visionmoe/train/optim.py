@@ -15,6 +15,9 @@ _NO_DECAY = ("pos_embed", "cls_token", "probe")
 def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.Optimizer:
     """AdamW or SGD; with ``decay_kernels_only`` weight decay skips biases, norms and embeddings.
 
+    AdamW uses the fused kernel where the parameters allow it (see :func:`fused_available`); build
+    the optimizer after moving the model to its device.
+
     AdamW's decoupled decay equals vmoe's "Adam + weight decay added to the update before the LR
     multiply" rule.
     """
@@ -29,10 +32,26 @@ def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.Optimi
         {"params": no_decay, "weight_decay": 0.0},
     ]
     if config.name == "adamw":
-        return torch.optim.AdamW(
-            groups, lr=config.lr, betas=(config.beta1, config.beta2), foreach=True
-        )
+        kwargs = dict(lr=config.lr, betas=(config.beta1, config.beta2))
+        if fused_available(model):
+            # One kernel for the whole update, and the step counters live on the parameters'
+            # device: the for-each version reads them on the host every step.
+            return torch.optim.AdamW(groups, fused=True, **kwargs)
+        return torch.optim.AdamW(groups, foreach=True, **kwargs)
     return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, foreach=True)
+
+
+def fused_available(model: nn.Module) -> bool:
+    """Whether the fused AdamW kernel takes these parameters: floating point, all on CPU or all
+    on CUDA (torch >= 2.4 has CPU and CUDA fused kernels)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    devices = {p.device.type for p in params}
+    return (
+        bool(params)
+        and len(devices) == 1
+        and devices <= {"cpu", "cuda"}
+        and all(p.is_floating_point() for p in params)
+    )
 
 
 def learning_rate(step: int, total_steps: int, peak: float, config: ScheduleConfig) -> float:

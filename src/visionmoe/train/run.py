@@ -19,8 +19,10 @@ from visionmoe.train.checkpoint import (
     atomic_write_text,
     load_checkpoint,
     resolve_checkpoint,
+    restore_rng_state,
 )
 from visionmoe.train.config import ExperimentConfig
+from visionmoe.train.features import prepare_model
 from visionmoe.train.finetune import load_init_weights
 from visionmoe.train.hooks import Checkpoint, Evaluate, MetricsLog
 from visionmoe.train.inputs import TrainStream, eval_stream, load_splits
@@ -60,7 +62,7 @@ def restore_or_init(model, optimizer, run_dir: Path, ckpt: dict | None, init, in
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        torch.set_rng_state(ckpt["rng"])
+        restore_rng_state(ckpt["rng"], ckpt.get("rng_cuda"))
         _truncate_metrics(run_dir / "metrics.jsonl", ckpt["meta"]["step"])
         return []
     (run_dir / "metrics.jsonl").unlink(missing_ok=True)
@@ -118,15 +120,22 @@ def run_training(
             }
         )
         atomic_write_text(run_dir / "config.json", config.to_json())
-    train_data = TrainStream(config, splits.train)
-    test_data = lambda: eval_stream(config, splits.test)  # noqa: E731  (a fresh pass each call)
+    model, device = prepare_model(build_model(config), config)
+    train_data = TrainStream(config, splits.train, device=device)
+    test_data = lambda: eval_stream(config, splits.test, device=device)  # noqa: E731  (fresh pass)
     atomic_write_text(run_dir / "classes.json", json.dumps(splits.train.class_names))
 
-    model = build_model(config)
     optimizer = build_optimizer(model, config.optim)
     notes = restore_or_init(model, optimizer, run_dir, ckpt, init, load_init_weights)
 
-    log = MetricsLog(run_dir, config.train.log_every, config.train.steps, start_step, progress)
+    log = MetricsLog(
+        run_dir,
+        config.train.log_every,
+        config.train.steps,
+        start_step,
+        progress,
+        config.train.tensorboard,
+    )
     evaluator = Evaluate(
         test_data, splits.name, config.train.eval_every, config.train.eval_batch_size, log
     )

@@ -1,0 +1,129 @@
+"""One optimisation step: loss, gradient accumulation, autocast, clipping, update.
+
+:func:`train_step_device` returns its metrics as 0-dim tensors on the model's device and reads
+nothing back to the host, so on a GPU the host keeps queueing kernels: the fit loop averages the
+tensors on the device (:class:`visionmoe.train.metrics.MetricsWindow`) and reads them only on log
+steps. :func:`train_step` is the same step returning plain floats.
+
+Gradient accumulation splits the step's batch into ``train.grad_accum`` equal micro-batches and
+averages their gradients, which equals one step on the whole batch as long as the forward of an
+image does not depend on which micro-batch it is in. Two things make it depend: routing groups
+that cross a micro-batch boundary (a group of ``group_images`` images is routed together and
+competes for one capacity; keep ``batch_size / grad_accum`` a multiple of the group) and random
+draws (router noise, dropout), which come in a different order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from visionmoe.runtime import autocast
+from visionmoe.train.config import ExperimentConfig
+
+
+def classification_loss(
+    logits: torch.Tensor, labels: torch.Tensor, kind: str, label_smoothing: float = 0.0
+) -> torch.Tensor:
+    """Softmax cross-entropy, or sigmoid BCE summed over classes (V-MoE upstream).
+
+    E^3 member logits ``(B, M, C)`` are trained as M models: the loss is averaged over B*M
+    predictions against the repeated labels.
+    """
+    logits = logits.float()
+    if logits.ndim == 3:
+        labels = labels.repeat_interleave(logits.shape[1])
+        logits = logits.reshape(-1, logits.shape[-1])
+    if kind == "softmax":
+        return F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+    target = F.one_hot(labels, logits.shape[-1]).float()
+    return F.binary_cross_entropy_with_logits(logits, target, reduction="sum") / len(labels)
+
+
+def clip_local(model: nn.Module, max_norm: float | None) -> torch.Tensor:
+    """Global-norm gradient clipping in one process; returns the norm before clipping."""
+    return torch.nn.utils.clip_grad_norm_(
+        model.parameters(), max_norm if max_norm else float("inf")
+    )
+
+
+def predictions(logits: torch.Tensor) -> torch.Tensor:
+    """Class predictions; E^3 member logits vote through their mean probability."""
+    if logits.ndim == 3:
+        return torch.softmax(logits.detach().float(), -1).mean(1).argmax(-1)
+    return logits.argmax(-1)
+
+
+def add_metrics(total: dict[str, Tensor], new: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``total + new`` key by key (keys first seen in ``new`` start at its value)."""
+    for key, value in new.items():
+        total[key] = total[key] + value if key in total else value
+    return total
+
+
+def train_step_device(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    config: ExperimentConfig,
+    clip_fn: Callable[[nn.Module, float | None], torch.Tensor] = clip_local,
+) -> dict[str, Tensor]:
+    """One step on ``(x, y)`` (already on the model's device); metrics as device tensors.
+
+    Loss: task loss + summed MoE aux loss, averaged over ``train.grad_accum`` micro-batches.
+    ``clip_fn(model, max_norm)`` runs between backward and the update and returns the gradient
+    norm; distributed training passes one that first synchronises gradients across ranks.
+    Metrics are means over the micro-batches; nothing is read back to the host.
+    """
+    model.train()
+    accum = config.train.grad_accum
+    optimizer.zero_grad(set_to_none=True)
+    sums: dict[str, Tensor] = {}
+    for x_micro, y_micro in zip(x.chunk(accum), y.chunk(accum), strict=True):
+        with autocast(x.device, config.train.precision):
+            logits, aux = model(x_micro, return_aux=True)
+        task = classification_loss(logits, y_micro, config.train.loss, config.train.label_smoothing)
+        loss = task + aux.loss
+        (loss / accum if accum > 1 else loss).backward()
+        with torch.no_grad():
+            hits = (predictions(logits) == y_micro).float().mean()
+            step_metrics = {
+                "train/loss": loss.detach(),
+                "train/task_loss": task.detach(),
+                "train/aux_loss": aux.loss.detach(),
+                "train/accuracy": hits,
+                **aux.metric_tensors(),
+            }
+            add_metrics(sums, step_metrics)
+    grad_norm = clip_fn(model, config.optim.grad_clip)
+    optimizer.step()
+    metrics = {key: value / accum for key, value in sums.items()} if accum > 1 else sums
+    metrics["train/grad_norm"] = grad_norm.detach()
+    return metrics
+
+
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    config: ExperimentConfig,
+    clip_fn: Callable[[nn.Module, float | None], torch.Tensor] = clip_local,
+) -> dict[str, float]:
+    """:func:`train_step_device` with the metrics read back as floats (one host sync)."""
+    return to_floats(train_step_device(model, optimizer, x, y, config, clip_fn))
+
+
+def to_floats(metrics: dict[str, Tensor | float]) -> dict[str, float]:
+    """Read a dict of 0-dim tensors (any devices) and floats back as floats, in one copy."""
+    keys = [k for k, v in metrics.items() if isinstance(v, Tensor)]
+    out = {k: float(v) for k, v in metrics.items() if not isinstance(v, Tensor)}
+    if keys:
+        device = metrics[keys[0]].device
+        values = torch.stack([metrics[k].detach().float().to(device) for k in keys]).tolist()
+        out.update(zip(keys, values, strict=True))
+    return {k: out[k] for k in metrics}
