@@ -33,13 +33,13 @@ def classification_loss(
     E^3 member logits ``(B, M, C)`` are trained as M models: the loss is averaged over B*M
     predictions against the repeated labels.
     """
-    logits = logits.float()
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 up, f64 kept
     if logits.ndim == 3:
         labels = labels.repeat_interleave(logits.shape[1])
         logits = logits.reshape(-1, logits.shape[-1])
     if kind == "softmax":
         return F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
-    target = F.one_hot(labels, logits.shape[-1]).float()
+    target = F.one_hot(labels, logits.shape[-1]).to(logits.dtype)
     return F.binary_cross_entropy_with_logits(logits, target, reduction="sum") / len(labels)
 
 
