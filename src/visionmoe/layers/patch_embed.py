@@ -55,8 +55,15 @@ def sincos_2d(grid_size: int, dim: int, temperature: float = 10_000.0) -> Tensor
     return torch.cat([x.sin(), x.cos(), y.sin(), y.cos()], dim=1)
 
 
-def resize_pos_embed(pos_1ND: Tensor, num_prefix: int, new_grid: int) -> Tensor:
-    """Resize a learned position embedding to a new patch grid (bilinear); prefix tokens kept."""
+def resize_pos_embed(
+    pos_1ND: Tensor, num_prefix: int, new_grid: int, align_corners: bool = True
+) -> Tensor:
+    """Resize a learned position embedding to a new patch grid (bilinear); prefix tokens kept.
+
+    ``align_corners=True`` (default) maps the corner patches of both grids onto each other, as
+    vmoe and the original ViT code resize (a first-order zoom of the grid); ``False`` uses
+    half-pixel centres instead. Interpolates in float64, returns the input dtype.
+    """
     prefix, grid = pos_1ND[:, :num_prefix], pos_1ND[:, num_prefix:]
     old = math.isqrt(grid.shape[1])
     if old * old != grid.shape[1]:
@@ -64,9 +71,9 @@ def resize_pos_embed(pos_1ND: Tensor, num_prefix: int, new_grid: int) -> Tensor:
     if old == new_grid:
         return pos_1ND
     dim = grid.shape[-1]
-    grid = grid.reshape(1, old, old, dim).permute(0, 3, 1, 2).float()
+    grid = grid.reshape(1, old, old, dim).permute(0, 3, 1, 2).double()
     grid = nn.functional.interpolate(
-        grid, size=(new_grid, new_grid), mode="bilinear", align_corners=False
+        grid, size=(new_grid, new_grid), mode="bilinear", align_corners=align_corners
     )
     grid = grid.permute(0, 2, 3, 1).reshape(1, new_grid * new_grid, dim).to(pos_1ND.dtype)
     return torch.cat([prefix, grid], dim=1)

@@ -1,11 +1,14 @@
 """Starting a model from trained weights (V-MoE transfer recipe).
 
-A new zero-initialised head is used when the class count differs, and learned position
-embeddings are resized bilinearly on the patch grid (class token kept) when the image size or
-patch grid differs.
+As vmoe fine-tunes: when the class count differs the head is re-created with a zero kernel and
+bias ``-ln C`` (C classes; ``model.head_bias_init`` wins when set), and when the image size or
+patch grid differs, learned position embeddings are resized bilinearly with aligned corners on
+the patch grid, the class token kept.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -13,6 +16,21 @@ from visionmoe.layers.patch_embed import resize_pos_embed
 from visionmoe.models.vit import VisionTransformer
 
 HEAD_KEYS = ("head.weight", "head.bias")
+
+
+def reset_head(model: VisionTransformer) -> float:
+    """Re-create the classifier as vmoe does for a new label set; returns the bias used.
+
+    Zero kernel and bias ``-ln C``: every logit starts at ``-ln C``, so under vmoe's sigmoid
+    cross-entropy each class starts near probability ``1/C``.
+    """
+    classes = model.config.num_classes
+    configured = model.config.head_bias_init
+    bias = -math.log(classes) if configured is None else float(configured)
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.bias.fill_(bias)
+    return bias
 
 
 def load_init_weights(model: VisionTransformer, state: dict[str, torch.Tensor]) -> list[str]:
@@ -24,9 +42,14 @@ def load_init_weights(model: VisionTransformer, state: dict[str, torch.Tensor]) 
     if head_shape is not None and head_shape != tuple(own.get("head.weight", torch.empty(0)).shape):
         for key in HEAD_KEYS:
             state.pop(key, None)
-        notes.append(
-            f"new zero-initialised head ({head_shape[0]} -> {model.config.num_classes} classes)"
-        )
+        if "head.weight" in own:
+            bias = reset_head(model)
+            notes.append(
+                f"new zero-initialised head ({head_shape[0]} -> {model.config.num_classes} "
+                f"classes, bias {bias:.4f})"
+            )
+        else:
+            notes.append(f"dropped the {head_shape[0]}-class head (the model has none)")
     if (
         "pos_embed" in state
         and "pos_embed" in own
