@@ -78,18 +78,27 @@ CASES = {
 
 
 def _optimizer(model, config):
+    from visionmoe.distributed.data_parallel import split_sharded_groups
     from visionmoe.train.optim import build_optimizer
 
-    optimizer = build_optimizer(model, config.optim)
+    optimizer = split_sharded_groups(build_optimizer(model, config.optim))
     for group in optimizer.param_groups:
         if "eps" in group:
             group["eps"] = 1e-3
     return optimizer
 
 
-def _equivalence_case(name: str, groups, steps: int = 2) -> dict:
-    """Run ``steps`` steps single-process (reference) and expert-parallel; report max diffs."""
-    from visionmoe.distributed import expert_range, shard_moe_experts
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A whole tensor from an FSDP2 shard (a collective: every rank calls it in step)."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _equivalence_case(name: str, groups, dense: str, steps: int = 2) -> dict:
+    """Run ``steps`` steps single-process (reference) and expert-parallel with the dense part
+    under ``dense`` (DDP or FSDP2); report max diffs."""
+    from visionmoe.distributed import expert_range, shard_moe_experts, wrap_data_parallel
     from visionmoe.distributed.expert_parallel import expert_parameter_names
     from visionmoe.distributed.train import distributed_train_step
     from visionmoe.models import create_model
@@ -105,11 +114,14 @@ def _equivalence_case(name: str, groups, steps: int = 2) -> dict:
     ref_opt = _optimizer(reference, config)
     if groups.expert_parallel > 1:
         shard_moe_experts(model, groups.expert_group)
+    trained = wrap_data_parallel(model, groups, dense)
     opt = _optimizer(model, config)
     experts = expert_parameter_names(model)
     share = config.train.batch_size // groups.world_size
     local = slice(groups.rank * share, (groups.rank + 1) * share)
-    report: dict[str, float] = {}
+    report: dict[str, float] = {
+        "dtensor_params": sum(type(p).__name__ == "DTensor" for p in model.parameters())
+    }
 
     def note(key: str, value: float) -> None:
         report[key] = max(report.get(key, 0.0), value)
@@ -127,15 +139,16 @@ def _equivalence_case(name: str, groups, steps: int = 2) -> dict:
         reference.train()
         model.train()
         with torch.no_grad():
-            note("logits", _max_diff(model(x[local]), reference(x)[local]))
+            note("logits", _max_diff(trained(x[local]), reference(x)[local]))
         ref_metrics = train_step(reference, ref_opt, x, y, config)
-        metrics = distributed_train_step(model, opt, x[local], y[local], config, groups)
+        metrics = distributed_train_step(trained, opt, x[local], y[local], config, groups)
         for key in ("train/loss", "train/task_loss", "train/aux_loss", "train/grad_norm"):
             note(key, abs(ref_metrics[key] - metrics[key]))
         ref_params = dict(reference.named_parameters())
         for pname, param in model.named_parameters():
-            note("grads", _max_diff(param.grad, mine(pname, ref_params[pname].grad)))
-            note("weights", _max_diff(param.detach(), mine(pname, ref_params[pname].detach())))
+            grad, weight = _full(param.grad), _full(param.detach())
+            note("grads", _max_diff(grad, mine(pname, ref_params[pname].grad)))
+            note("weights", _max_diff(weight, mine(pname, ref_params[pname].detach())))
         dropped = [v for k, v in ref_metrics.items() if k.endswith("assignments_dropped_frac")]
         note("ref_dropped_frac", max(dropped, default=0.0))
         note("aux_loss", ref_metrics["train/aux_loss"])
@@ -147,10 +160,15 @@ def equivalence(args) -> None:
     from visionmoe.distributed import build_groups
 
     groups = _setup()
-    results = {name: _equivalence_case(name, groups) for name in CASES}
     # Fewer expert-parallel ranks than ranks: experts replicated over W/N groups (N=1: pure DP).
     hybrid = 2 if groups.world_size == 4 else 1
-    results[f"top_k_ep{hybrid}"] = _equivalence_case("top_k", build_groups(hybrid, groups.device))
+    hybrid_groups = build_groups(hybrid, groups.device)
+    results = {}
+    for dense in ("ddp", "fsdp"):
+        for name in CASES:
+            results[f"{dense}/{name}"] = _equivalence_case(name, groups, dense)
+        case = _equivalence_case("top_k", hybrid_groups, dense)
+        results[f"{dense}/top_k_ep{hybrid}"] = case
     if args.run:
         results["reshard"] = _reshard_report(args.run, groups)
     Path(args.out, f"rank{groups.rank}.json").write_text(json.dumps(results))

@@ -46,21 +46,26 @@ def two_rank_run(tmp_path_factory, launcher):
 
 
 def _check_equivalence(report: dict, rank: int, world_size: int) -> None:
+    # Each case with the dense part under DDP and under FSDP2.
     # top_k_ep2 (4 ranks): 2 expert-parallel groups of 2, experts replicated twice;
     # top_k_ep1 (2 ranks): experts replicated on every rank (plain data parallelism).
-    cases = {"top_k", "bpr", "expert_choice", "soft", f"top_k_ep{world_size // 2}"}
+    names = {"top_k", "bpr", "expert_choice", "soft", f"top_k_ep{world_size // 2}"}
+    cases = {f"{dense}/{name}" for dense in ("ddp", "fsdp") for name in names}
     assert cases <= set(report)
     for case in cases:
         diffs = report[case]
         for key in ("logits", "train/loss", "train/aux_loss", "grads", "weights"):
             assert diffs[key] < ATOL, (rank, case, key, diffs[key])
         assert diffs["train/grad_norm"] < ATOL * max(1.0, diffs["grad_norm"])
+        # DDP keeps whole dense weights; FSDP2 holds them as DTensor shards.
+        assert (diffs["dtensor_params"] > 0) == case.startswith("fsdp/"), (case, diffs)
     # The cases exercise what they claim: capacity drops tokens, the aux loss is on, clipping
     # at 0.05 is active.
-    assert report["top_k"]["ref_dropped_frac"] > 0.1
-    assert report["bpr"]["ref_dropped_frac"] > 0.1
-    assert report["top_k"]["aux_loss"] > 0
-    assert report["top_k"]["grad_norm"] > 0.05
+    for dense in ("ddp", "fsdp"):
+        assert report[f"{dense}/top_k"]["ref_dropped_frac"] > 0.1
+        assert report[f"{dense}/bpr"]["ref_dropped_frac"] > 0.1
+        assert report[f"{dense}/top_k"]["aux_loss"] > 0
+        assert report[f"{dense}/top_k"]["grad_norm"] > 0.05
 
 
 def test_two_ranks_match_single_process(launcher, tmp_path):

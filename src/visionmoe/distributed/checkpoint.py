@@ -9,7 +9,14 @@ Layout of a run directory trained with :mod:`visionmoe.distributed.train`::
         experts-rank{r}-of-{N}.safetensors   rank r < N: its expert slices + their optimizer state
         rng.safetensors                      each rank's torch RNG state (exact resume at equal W)
     sharded/latest                           name of the newest complete sharded checkpoint
-    checkpoints/step_.../                    the merged single-process checkpoint (standard format)
+    checkpoints/step_.../                    the merged single-process checkpoint (standard format,
+                                             optional: :mod:`visionmoe.distributed.export`)
+
+With the dense part under FSDP2 (``parallel.dense="fsdp"``) the state is DTensor-sharded and a
+checkpoint directory holds, instead of the safetensors files, what ``torch.distributed.checkpoint``
+writes (``.metadata`` + ``__*.distcp``; :mod:`visionmoe.distributed.dcp`), with the same
+``layout.json`` and ``rng.safetensors`` beside it. Both kinds re-shard to any layout and read
+back in one process, one tensor at a time (:class:`ShardedReader`).
 
 Sharded checkpoints live beside ``checkpoints/`` rather than in it because the standard writer
 owns ``checkpoints/step_*`` (it replaces and prunes them). Tensors are stored as ``model/<name>``
@@ -33,22 +40,16 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
+from visionmoe.distributed import dcp as dcp_files
 from visionmoe.distributed.expert_parallel import expert_modules, expert_range
 from visionmoe.distributed.groups import ParallelGroups
-from visionmoe.models.vit import VisionTransformer
-from visionmoe.train.checkpoint import (
-    CheckpointError,
-    _fsync_dir,
-    _sha256,
-    atomic_write_text,
-    save_checkpoint,
-)
-from visionmoe.train.config import ExperimentConfig
-from visionmoe.train.optim import build_optimizer
+from visionmoe.train.checkpoint import CheckpointError, _fsync_dir, _sha256, atomic_write_text
 
 SHARDED_DIR = "sharded"
 LAYOUT_FORMAT = "visionmoe-sharded-v1"
+DCP_FORMAT = "visionmoe-dcp-v1"  # the same layout.json; tensors written by DCP
 REPLICATED_FILE = "replicated.safetensors"
 RNG_FILE = "rng.safetensors"
 
@@ -112,7 +113,11 @@ def save_sharded(
     groups: ParallelGroups,
     keep: int = 2,
 ) -> Path:
-    """Write sharded checkpoint ``step`` (every rank calls this); keep the newest ``keep``."""
+    """Write sharded checkpoint ``step`` (every rank calls this); keep the newest ``keep``.
+
+    ``model`` is the bare model (not a DDP wrapper). State holding DTensors (FSDP2) is written
+    with DCP, anything else as the safetensors shards described above.
+    """
     root = Path(run_dir) / SHARDED_DIR
     name = f"step_{step:07d}"
     tmp = root / f".tmp-{name}"
@@ -124,19 +129,25 @@ def save_sharded(
     tensors = training_tensors(model, optimizer)
     experts = {n: m.num_experts for n, m in expert_modules(model).items()}
     N = groups.expert_parallel
+    use_dcp = any(isinstance(v, DTensor) for v in tensors.values())
     written: dict[str, str] = {}
-    if groups.writes_expert_shard:
-        mine = {k: v for k, v in tensors.items() if _is_expert_key(k, experts)}
-        filename = expert_file(groups.expert_rank, N)
-        written[filename] = _write(tmp / filename, mine)
-    if groups.is_main:
-        rest = {k: v for k, v in tensors.items() if not _is_expert_key(k, experts)}
-        written[REPLICATED_FILE] = _write(tmp / REPLICATED_FILE, rest)
+    if use_dcp:
+        dcp_files.save(tmp, tensors, lambda key: _is_expert_key(key, experts), groups)
+    else:
+        if groups.writes_expert_shard:
+            mine = {k: v for k, v in tensors.items() if _is_expert_key(k, experts)}
+            filename = expert_file(groups.expert_rank, N)
+            written[filename] = _write(tmp / filename, mine)
+        if groups.is_main:
+            rest = {k: v for k, v in tensors.items() if not _is_expert_key(k, experts)}
+            written[REPLICATED_FILE] = _write(tmp / REPLICATED_FILE, rest)
     rng = torch.get_rng_state()
     gathered: list[Any] = [None] * groups.world_size
     dist.all_gather_object(gathered, (written, rng))
     if groups.is_main:
         hashes = {k: v for files, _ in gathered for k, v in files.items()}
+        if use_dcp:
+            hashes.update({f.name: _sha256(f) for f in sorted(tmp.iterdir()) if f.is_file()})
         rngs = {f"rank{r}": state for r, (_, state) in enumerate(gathered)}
         hashes[RNG_FILE] = _write(tmp / RNG_FILE, rngs)
         missing = [f for f in hashes if not (tmp / f).is_file()]
@@ -146,7 +157,7 @@ def save_sharded(
                 f"{tmp}; multi-node runs need run_dir on a shared filesystem"
             )
         layout = {
-            "format": LAYOUT_FORMAT,
+            "format": DCP_FORMAT if use_dcp else LAYOUT_FORMAT,
             "step": step,
             "world_size": groups.world_size,
             "expert_parallel": N,
@@ -192,13 +203,13 @@ def read_layout(path: str | os.PathLike) -> dict:
         layout = json.loads((ckpt / "layout.json").read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise CheckpointError(f"cannot read {ckpt / 'layout.json'}: {err}") from None
-    if layout.get("format") != LAYOUT_FORMAT:
+    if layout.get("format") not in (LAYOUT_FORMAT, DCP_FORMAT):
         raise CheckpointError(f"{ckpt}: unsupported sharded format {layout.get('format')!r}")
     layout["path"] = str(ckpt)
     return layout
 
 
-def _load_verified(ckpt: Path, filename: str, layout: dict) -> dict[str, Tensor]:
+def _verify(ckpt: Path, filename: str, layout: dict) -> Path:
     file = ckpt / filename
     if not file.is_file():
         raise CheckpointError(f"checkpoint file {file} is missing")
@@ -207,7 +218,96 @@ def _load_verified(ckpt: Path, filename: str, layout: dict) -> dict[str, Tensor]
             f"checkpoint file {file} is truncated or corrupted (SHA-256 does not match "
             "layout.json); refusing to load it"
         )
-    return load_file(str(file))
+    return file
+
+
+class ShardedReader:
+    """Random access to the tensors of a sharded checkpoint, one tensor at a time.
+
+    ``read(key, world_size, rank)`` returns the tensor as expert-parallel rank ``rank`` of
+    ``world_size`` holds it (expert slices re-cut from whatever N wrote them; any
+    ``world_size`` dividing the layer's expert count), 1 giving the single-process tensor.
+    Files are checked against ``layout.json``'s SHA-256 once, before their first read.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.layout = read_layout(path)
+        self.path = Path(self.layout["path"])
+        self.is_dcp = self.layout["format"] == DCP_FORMAT
+        self._verified: set[str] = set()
+        if self.is_dcp:
+            for filename in self.layout["sha256"]:
+                if filename != RNG_FILE:
+                    self._file(filename)
+            self._specs = dcp_files.specs(self.path)
+            return
+        self._specs = {}
+        N = self.layout["expert_parallel"]
+        for source, filename in [(None, REPLICATED_FILE)] + [
+            (r, expert_file(r, N)) for r in range(N)
+        ]:
+            with safe_open(str(self._file(filename)), "pt") as f:
+                for key in f.keys():
+                    piece = f.get_slice(key)
+                    shape = tuple(piece.get_shape())
+                    dtype = _DTYPES[piece.get_dtype()]
+                    if source is not None and shape and key in self._specs:
+                        old = self._specs[key][1]
+                        shape = (old[0] + shape[0], *shape[1:])
+                    self._specs[key] = (dtype, shape)
+
+    def _file(self, filename: str) -> Path:
+        if filename not in self._verified:
+            _verify(self.path, filename, self.layout)
+            self._verified.add(filename)
+        return self.path / filename
+
+    def specs(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        """Key -> (dtype, single-process shape), for every ``model/`` and ``optim/`` tensor."""
+        return dict(self._specs)
+
+    def _expert_layer(self, key: str) -> dict | None:
+        return self.layout["experts"].get(_param_name(key).rsplit(".", 1)[0])
+
+    def read(self, key: str, world_size: int = 1, rank: int = 0) -> Tensor:
+        layer = self._expert_layer(key)
+        if self.is_dcp:
+            full = dcp_files.read_full(self.path, key, self._specs[key])
+            if layer is None or full.ndim == 0:
+                return full
+            start, stop = expert_range(layer["num_experts"], world_size, rank)
+            return full[start:stop].clone()
+        if layer is None:
+            with safe_open(str(self._file(REPLICATED_FILE)), "pt") as f:
+                return f.get_tensor(key)
+        start, stop = expert_range(layer["num_experts"], world_size, rank)
+        parts = []
+        for source, (lo, hi) in enumerate(layer["ranges"]):
+            if lo >= stop or hi <= start:
+                continue
+            filename = expert_file(source, self.layout["expert_parallel"])
+            with safe_open(str(self._file(filename)), "pt") as f:
+                if not self._specs[key][1]:  # a per-parameter scalar such as Adam's step count
+                    return f.get_tensor(key)
+                parts.append(f.get_slice(key)[max(start, lo) - lo : min(stop, hi) - lo])
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def rng(self, rank: int) -> Tensor:
+        return load_file(str(self._file(RNG_FILE)))[f"rank{rank}"]
+
+
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 
 
 def load_sharded_tensors(
@@ -215,99 +315,80 @@ def load_sharded_tensors(
 ) -> dict[str, Tensor]:
     """Every ``model/`` and ``optim/`` tensor of expert-parallel rank ``rank`` of ``world_size``.
 
-    Reads only the expert files that overlap the wanted slice, whatever N the run was saved
+    Reads only the expert rows that overlap the wanted slice, whatever N the run was saved
     with: any ``world_size`` dividing every layer's expert count works, 1 giving the full model.
     """
-    layout = read_layout(path)
-    ckpt = Path(layout["path"])
-    out = dict(_load_verified(ckpt, REPLICATED_FILE, layout))
-    N, experts = layout["expert_parallel"], layout["experts"]
-    files: dict[int, dict[str, Tensor]] = {}
-
-    def shard(source: int) -> dict[str, Tensor]:
-        if source not in files:
-            files[source] = _load_verified(ckpt, expert_file(source, N), layout)
-        return files[source]
-
-    with safe_open(str(ckpt / expert_file(0, N)), "pt") as first:
-        keys = sorted(first.keys())
-    for key in keys:
-        layer = experts[_param_name(key).rsplit(".", 1)[0]]
-        start, stop = expert_range(layer["num_experts"], world_size, rank)
-        parts = []
-        for source, (lo, hi) in enumerate(layer["ranges"]):
-            if lo >= stop or hi <= start:
-                continue
-            tensor = shard(source)[key]
-            if tensor.ndim == 0:  # a per-parameter scalar such as Adam's step count
-                parts = [tensor]
-                break
-            parts.append(tensor[max(start, lo) - lo : min(stop, hi) - lo])
-        out[key] = parts[0] if len(parts) == 1 else torch.cat(parts)
-    return out
-
-
-def _model_part(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
-    return {k[len("model/") :]: v for k, v in tensors.items() if k.startswith("model/")}
+    reader = ShardedReader(path)
+    return {key: reader.read(key, world_size, rank) for key in sorted(reader.specs())}
 
 
 def load_sharded(path: str | os.PathLike, world_size: int = 1, rank: int = 0) -> dict[str, Tensor]:
     """Model state dict for expert-parallel rank ``rank`` of ``world_size`` (re-sharded)."""
-    return _model_part(load_sharded_tensors(path, world_size, rank))
+    reader = ShardedReader(path)
+    return {
+        key.removeprefix("model/"): reader.read(key, world_size, rank)
+        for key in sorted(reader.specs())
+        if key.startswith("model/")
+    }
 
 
 def gather_checkpoint(path: str | os.PathLike) -> dict[str, Tensor]:
-    """The single-process model state dict of a sharded checkpoint (all experts merged)."""
+    """The single-process model state dict of a sharded checkpoint (all experts merged).
+
+    Reads one tensor at a time and never the optimizer state: memory is the model once.
+    """
     return load_sharded(path, 1, 0)
 
 
 def load_rng(path: str | os.PathLike, rank: int) -> Tensor:
-    layout = read_layout(path)
-    return _load_verified(Path(layout["path"]), RNG_FILE, layout)[f"rank{rank}"]
+    return ShardedReader(path).rng(rank)
 
 
 @torch.no_grad()
-def gather_full_state(
-    model: nn.Module, optimizer: torch.optim.Optimizer | None, groups: ParallelGroups
-) -> dict[str, Tensor] | None:
-    """Single-process ``model/`` + ``optim/`` tensors on rank 0 (None elsewhere).
+def restore_sharded(
+    path: str | os.PathLike,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    groups: ParallelGroups,
+) -> dict:
+    """Load a sharded checkpoint into this rank's (bare, possibly FSDP2) model and optimizer,
+    re-sharding to the current layout; every rank calls this. Returns the layout."""
+    layout = read_layout(path)
+    live = training_tensors(model, optimizer)
+    sharded_state = any(isinstance(v, DTensor) for v in live.values())
+    if sharded_state != (layout["format"] == DCP_FORMAT):
+        kinds = {True: "FSDP2 (parallel.dense=fsdp)", False: "replicated (parallel.dense=ddp)"}
+        raise CheckpointError(
+            f"{layout['path']} holds a {kinds[not sharded_state]} dense part; this run's dense "
+            f"part is {kinds[sharded_state]}: resume with the setting the run was saved with"
+        )
+    if sharded_state:
+        init_optimizer_state(optimizer)
+        experts = expert_modules(model)
+        live = training_tensors(model, optimizer)
+        dcp_files.load_in_place(
+            Path(layout["path"]), live, lambda k: _is_expert_key(k, experts), groups
+        )
+        return layout
+    tensors = load_sharded_tensors(path, groups.expert_parallel, groups.expert_rank)
+    model.load_state_dict(
+        {k.removeprefix("model/"): v for k, v in tensors.items() if k.startswith("model/")}
+    )
+    load_optimizer_tensors(model, optimizer, tensors)
+    return layout
 
-    Collects the expert slices through the first expert-parallel group, so it works without a
-    shared filesystem. Every rank must call it.
-    """
-    tensors = training_tensors(model, optimizer)
-    N = groups.expert_parallel
-    if N == 1 or not groups.writes_expert_shard:
-        return tensors if groups.is_main else None
-    prefixes = set(expert_modules(model))
-    out = {}
-    for key in sorted(tensors):
-        tensor = tensors[key]
-        if not _is_expert_key(key, prefixes) or tensor.ndim == 0:
-            out[key] = tensor
-            continue
-        parts = [torch.empty_like(tensor) for _ in range(N)] if groups.is_main else None
-        dist.gather(tensor.contiguous(), parts, dst=0, group=groups.expert_group)
-        if parts is not None:
-            out[key] = torch.cat(parts)
-    return out if groups.is_main else None
 
-
-def save_merged_checkpoint(
-    run_dir: str | os.PathLike,
-    step: int,
-    tensors: dict[str, Tensor],
-    config: ExperimentConfig,
-    keep: int = 2,
-    extra: dict | None = None,
-) -> Path:
-    """Write full ``model/`` + ``optim/`` tensors as a standard single-process checkpoint.
-
-    ``visionmoe eval/sweep/inspect`` and single-process ``--resume`` read it unchanged.
-    """
-    with torch.random.fork_rng(devices=[]):  # building the model must not move the saved RNG
-        model = VisionTransformer(config.model)
-    model.load_state_dict({k: v.cpu() for k, v in _model_part(tensors).items()})
-    optimizer = build_optimizer(model, config.optim)
-    load_optimizer_tensors(model, optimizer, {k: v.cpu() for k, v in tensors.items()})
-    return save_checkpoint(run_dir, step, model, optimizer, config.to_dict(), extra, keep)
+def init_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Create the optimizer's per-parameter state (so DCP has tensors to load into) with a
+    zero-learning-rate step on zero gradients, which leaves every parameter unchanged."""
+    if optimizer.state:
+        return
+    lrs = [group["lr"] for group in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0
+        for p in group["params"]:
+            p.grad = torch.zeros_like(p)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    for group, lr in zip(optimizer.param_groups, lrs, strict=True):
+        group["lr"] = lr

@@ -1,10 +1,12 @@
 """Starting torch.distributed and laying expert parallelism out over the ranks.
 
-W ranks form W/N expert-parallel groups of N consecutive ranks (N = ``expert_parallel``). Inside a
-group each rank holds E/N experts and tokens move by all-to-all; the W/N groups are data-parallel
-replicas of each other. With N = W (the default) every rank holds a different expert slice; with
-N = 1 experts are replicated and training is plain data parallelism. Consecutive ranks share a
-group so that, on several nodes, the all-to-all stays inside a node when N <= GPUs per node.
+The W ranks form a 2-D :class:`~torch.distributed.device_mesh.DeviceMesh` of shape (W/N, N) with
+axes ``("dp", "ep")`` (N = ``expert_parallel``). Along ``ep`` each rank of a row holds E/N experts
+and tokens move by all-to-all; the W/N rows are data-parallel replicas of each other, and the
+ranks of a ``dp`` column hold the same expert slice. With N = W (the default) every rank holds a
+different expert slice; with N = 1 experts are replicated and training is plain data
+parallelism. Consecutive ranks share a row so that, on several nodes, the all-to-all stays inside
+a node when N <= GPUs per node.
 """
 
 from __future__ import annotations
@@ -17,8 +19,11 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-DEFAULT_TIMEOUT_S = 60.0
+# Generous: long data loading or a checkpoint write must not kill a healthy job.
+DEFAULT_TIMEOUT_S = 1800.0
+MESH_AXES = ("dp", "ep")
 
 
 @dataclass(frozen=True)
@@ -33,6 +38,7 @@ class ParallelGroups:
       replica_group: the W/N ranks holding the same expert slice (their expert gradients are
         summed), or None when N = W.
       device: where this rank computes.
+      mesh: the (W/N, N) device mesh with axes ``("dp", "ep")`` whose groups these are.
     """
 
     world_size: int
@@ -41,6 +47,7 @@ class ParallelGroups:
     expert_group: ProcessGroup | None
     replica_group: ProcessGroup | None
     device: torch.device
+    mesh: DeviceMesh | None = None
 
     @property
     def expert_rank(self) -> int:
@@ -110,23 +117,14 @@ def init_distributed(
 def build_groups(
     expert_parallel: int | None = None, device: torch.device | None = None
 ) -> ParallelGroups:
-    """Create the expert-parallel and replica groups (every rank must call this, in step)."""
+    """Build the (W/N, N) device mesh and take its groups (every rank must call this, in step)."""
     world, rank = dist.get_world_size(), dist.get_rank()
     n = world if expert_parallel is None else expert_parallel
     if n < 1 or world % n:
         raise ValueError(f"expert parallelism {n} must divide the world size {world}")
-    expert_group: ProcessGroup | None = dist.group.WORLD if n == world else None
-    replica_group: ProcessGroup | None = dist.group.WORLD if n == 1 else None
-    if 1 < n < world:
-        # new_subgroups_by_enumeration creates every group on every rank, in the same order.
-        expert_group, _ = dist.new_subgroups_by_enumeration(
-            [list(range(start, start + n)) for start in range(0, world, n)]
-        )
-        replica_group, _ = dist.new_subgroups_by_enumeration(
-            [list(range(offset, world, n)) for offset in range(n)]
-        )
-    if n == 1 and world == 1:
-        replica_group = None
-    return ParallelGroups(
-        world, rank, n, expert_group, replica_group, device or torch.device("cpu")
-    )
+    device = device or torch.device("cpu")
+    # Row-major: rank = row * N + column, so an expert-parallel row is N consecutive ranks.
+    mesh = init_device_mesh(device.type, (world // n, n), mesh_dim_names=MESH_AXES)
+    expert_group = mesh.get_group("ep") if n > 1 else None
+    replica_group = mesh.get_group("dp") if world // n > 1 else None
+    return ParallelGroups(world, rank, n, expert_group, replica_group, device, mesh)

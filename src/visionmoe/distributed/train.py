@@ -6,13 +6,16 @@ Every rank takes its contiguous B/W slice of each global batch (the batch the si
 would use at that step), routes it with its replica of the routers and sends expert buffers to the
 ranks owning the experts (:mod:`visionmoe.distributed.expert_parallel`). The schedule, loss,
 optimizer and batch order are those of :mod:`visionmoe.train.loop`; only the gradient handling
-differs (:mod:`visionmoe.distributed.data_parallel`). Rank 0 alone writes logs and the run
-directory's shared files; every rank writes its expert shard. At the end the experts are gathered
-into a standard single-process checkpoint, so ``visionmoe eval/sweep/inspect RUN`` work unchanged.
+differs: the dense part trains under DDP or FSDP2 (``parallel.dense``), the experts' gradients are
+reduced over the data-parallel axis of the device mesh (:mod:`visionmoe.distributed.data_parallel`).
+Rank 0 alone writes logs and the run directory's shared files; every rank writes its part of the
+sharded checkpoints. At the end the newest one is exported as a standard single-process checkpoint
+(``parallel.merged_checkpoint``; by default only while the state is small), so
+``visionmoe eval/sweep/inspect RUN`` work unchanged; ``python -m visionmoe.distributed.export RUN``
+writes it later.
 
-Evaluation is replicated: every rank evaluates the whole test set in lock step (the all-to-all
-needs all ranks), which takes the wall time of evaluating on one rank and gives exactly the
-single-process numbers.
+Evaluation is sharded: each rank evaluates 1/W of the test set and the sums are reduced
+(:mod:`visionmoe.distributed.evaluate`).
 """
 
 from __future__ import annotations
@@ -29,22 +32,19 @@ import torch
 import torch.distributed as dist
 
 from visionmoe.data import BatchIterator
-from visionmoe.distributed.checkpoint import (
-    gather_full_state,
-    load_optimizer_tensors,
-    load_rng,
-    load_sharded_tensors,
-    read_layout,
-    save_merged_checkpoint,
-    save_sharded,
-)
+from visionmoe.distributed.checkpoint import load_rng, read_layout, restore_sharded, save_sharded
 from visionmoe.distributed.data_parallel import (
     broadcast_parameters,
     clip_grad_norm,
     mean_over_ranks,
-    sync_gradients,
+    reduce_expert_gradients,
+    split_sharded_groups,
+    unwrap,
+    wrap_data_parallel,
 )
-from visionmoe.distributed.expert_parallel import shard_moe_experts
+from visionmoe.distributed.evaluate import evaluate_sharded
+from visionmoe.distributed.expert_parallel import expert_parameter_names, shard_moe_experts
+from visionmoe.distributed.export import export_merged, state_bytes
 from visionmoe.distributed.groups import (
     DEFAULT_TIMEOUT_S,
     ParallelGroups,
@@ -52,14 +52,12 @@ from visionmoe.distributed.groups import (
     check_expert_parallel,
     init_distributed,
 )
-from visionmoe.eval.classify import evaluate
 from visionmoe.models.registry import apply_overrides
 from visionmoe.models.vit import VisionTransformer
 from visionmoe.train.checkpoint import (
     CheckpointError,
     atomic_write_text,
     load_checkpoint,
-    resolve_checkpoint,
 )
 from visionmoe.train.config import ExperimentConfig
 from visionmoe.train.finetune import load_init_weights
@@ -114,10 +112,14 @@ def distributed_train_step(
     config: ExperimentConfig,
     groups: ParallelGroups,
 ) -> dict[str, float]:
-    """One step on this rank's slice; the update equals the single-process one on the batch."""
+    """One step on this rank's slice; the update equals the single-process one on the batch.
+
+    ``model`` is what :func:`~visionmoe.distributed.data_parallel.wrap_data_parallel` returned
+    (DDP or FSDP2 averages the dense gradients during the backward).
+    """
 
     def sync_and_clip(module: torch.nn.Module, max_norm: float | None) -> torch.Tensor:
-        sync_gradients(module, groups)
+        reduce_expert_gradients(module, groups)
         return clip_grad_norm(module, max_norm, groups)
 
     metrics = train_step(model, optimizer, x, y, config, clip_fn=sync_and_clip)
@@ -142,10 +144,33 @@ def _with_dataset_classes(config: ExperimentConfig, num_classes: int) -> Experim
     return ExperimentConfig(**{**config.__dict__, "model": model})
 
 
+def count_parameters(model: torch.nn.Module, groups: ParallelGroups) -> int:
+    """Parameters of the single-process model (DTensors count globally, experts N times)."""
+    experts = expert_parameter_names(model)
+    return sum(
+        p.numel() * (groups.expert_parallel if name in experts else 1)
+        for name, p in model.named_parameters()
+    )
+
+
+def wants_merged(config: ExperimentConfig, num_params: int) -> bool:
+    """Whether the run ends by writing the single-file checkpoint (``parallel`` config)."""
+    if config.parallel.merged_checkpoint is not None:
+        return config.parallel.merged_checkpoint
+    slots = 2 if config.optim.name == "adamw" else 1
+    return state_bytes(num_params, slots) <= config.parallel.merged_checkpoint_max_gb * 2**30
+
+
 def _evaluate(
-    model: torch.nn.Module, test: TensorSplit, name: str, state: TrainState, log: MetricsLog | None
+    model: torch.nn.Module,
+    test: TensorSplit,
+    name: str,
+    state: TrainState,
+    log: MetricsLog | None,
+    groups: ParallelGroups,
 ) -> dict:
-    result = evaluate(model, test.x, test.y, state.config.train.eval_batch_size)
+    batch = state.config.train.eval_batch_size
+    result = evaluate_sharded(unwrap(model), test.x, test.y, batch, groups)
     out = {f"eval/{name}/{k}": v for k, v in result.items()}
     if log is not None:
         log.write({"step": state.step, **out})
@@ -206,16 +231,12 @@ def train_distributed(
     if groups.expert_parallel > 1:
         shard_moe_experts(model, groups.expert_group)
     broadcast_parameters(model, groups)
-    optimizer = build_optimizer(model, config.optim)
+    trained = wrap_data_parallel(model, groups, config.parallel.dense)
+    optimizer = split_sharded_groups(build_optimizer(model, config.optim))
     start_step = 0
     same_layout = False
     if layout is not None:
-        tensors = load_sharded_tensors(run_dir, groups.expert_parallel, groups.expert_rank)
-        prefix = "model/"
-        model.load_state_dict(
-            {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
-        )
-        load_optimizer_tensors(model, optimizer, tensors)
+        restore_sharded(run_dir, model, optimizer, groups)
         start_step = layout["step"]
         same_layout = (layout["world_size"], layout["expert_parallel"]) == (
             groups.world_size,
@@ -250,7 +271,7 @@ def train_distributed(
         x, y = batch_for_step(train_data, batches, state.step, config)
         x, y = x[local].to(groups.device), y[local].to(groups.device)
         start = time.perf_counter()
-        state.metrics = distributed_train_step(model, optimizer, x, y, config, groups)
+        state.metrics = distributed_train_step(trained, optimizer, x, y, config, groups)
         elapsed = time.perf_counter() - start
         state.metrics["train/lr"] = lr
         state.metrics["train/images_per_s"] = batch / elapsed if elapsed > 0 else 0.0
@@ -258,21 +279,23 @@ def train_distributed(
         if log is not None:
             log.after_step(state)
         if state.step % config.train.eval_every == 0 and state.step < steps:
-            last_eval = _evaluate(model, test, splits.name, state, log)
+            last_eval = _evaluate(trained, test, splits.name, state, log, groups)
         if state.step % config.train.checkpoint_every == 0:
             save_sharded(run_dir, state.step, model, optimizer, config.to_dict(), groups)
             saved_step = state.step
-    last_eval = _evaluate(model, test, splits.name, state, log)
+    last_eval = _evaluate(trained, test, splits.name, state, log, groups)
     if saved_step != state.step:
         save_sharded(run_dir, state.step, model, optimizer, config.to_dict(), groups)
-    full = gather_full_state(model, optimizer, groups)
     if log is not None:
         log.at_end(state)
     summary: dict = {"name": config.name, "run_dir": str(run_dir), "steps": state.step}
+    num_params = count_parameters(model, groups)
+    merged = wants_merged(config, num_params)
     if groups.is_main:
-        extra = {"world_size": groups.world_size, "expert_parallel": groups.expert_parallel}
-        save_merged_checkpoint(
-            run_dir, state.step, full, config, config.train.keep_checkpoints, extra
+        checkpoint = (
+            export_merged(run_dir, run_dir, config.train.keep_checkpoints)
+            if merged
+            else read_layout(run_dir)["path"]
         )
         final = {k.rsplit("/", 1)[-1]: v for k, v in last_eval.items()}
         summary.update(
@@ -287,8 +310,9 @@ def train_distributed(
             world_size=groups.world_size,
             expert_parallel=groups.expert_parallel,
             notes=notes,
-            num_params=sum(v.numel() for k, v in full.items() if k.startswith("model/")),
-            checkpoint=str(resolve_checkpoint(run_dir)),
+            dense=config.parallel.dense,
+            num_params=num_params,
+            checkpoint=str(checkpoint),
         )
         atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
     dist.barrier()

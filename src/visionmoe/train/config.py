@@ -12,7 +12,7 @@ import difflib
 import json
 import types
 import typing
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from visionmoe.data import DATASET_KINDS
@@ -201,6 +201,33 @@ class TrainConfig:
 
 
 @dataclass(kw_only=True, frozen=True)
+class ParallelConfig:
+    """How ``python -m visionmoe.distributed.train`` spreads a run (ignored by ``visionmoe train``).
+
+    ``dense``: ``"ddp"`` replicates the non-expert part and averages its gradients with
+    DistributedDataParallel; ``"fsdp"`` shards it over all ranks with FSDP2 (for dense parts that
+    do not fit one device; checkpoints are then written with torch.distributed.checkpoint).
+    ``merged_checkpoint``: also write the single-file checkpoint at the end of a run (readable by
+    ``visionmoe eval``); ``None`` writes it when model + optimizer state is at most
+    ``merged_checkpoint_max_gb`` GiB.
+    """
+
+    dense: str = "ddp"
+    merged_checkpoint: bool | None = None
+    merged_checkpoint_max_gb: float = 4.0
+
+    def __post_init__(self) -> None:
+        _check(
+            self.dense in ("ddp", "fsdp"),
+            f"parallel.dense must be 'ddp' or 'fsdp', got {self.dense!r}",
+        )
+        _check(
+            self.merged_checkpoint_max_gb >= 0,
+            f"parallel.merged_checkpoint_max_gb must be >= 0, got {self.merged_checkpoint_max_gb}",
+        )
+
+
+@dataclass(kw_only=True, frozen=True)
 class ExperimentConfig:
     """Everything a run needs; saved as ``config.json`` in the run directory.
 
@@ -215,6 +242,7 @@ class ExperimentConfig:
     schedule: ScheduleConfig
     train: TrainConfig
     text: TextConfig | None = None
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def to_dict(self) -> dict:
         return {
@@ -222,6 +250,7 @@ class ExperimentConfig:
             "model": self.model.to_dict(),
             **{s: _plain(getattr(self, s)) for s in ("data", "optim", "schedule", "train")},
             "text": None if self.text is None else self.text.to_dict(),
+            "parallel": _plain(self.parallel),
         }
 
     @classmethod
@@ -234,6 +263,7 @@ class ExperimentConfig:
             schedule=ScheduleConfig(**data["schedule"]),
             train=TrainConfig(**data["train"]),
             text=None if data.get("text") is None else TextConfig(**data["text"]),
+            parallel=ParallelConfig(**data.get("parallel", {})),
         )
 
     def to_json(self) -> str:
@@ -250,6 +280,7 @@ _SECTIONS = {
     "schedule": ScheduleConfig,
     "train": TrainConfig,
     "text": TextConfig,
+    "parallel": ParallelConfig,
 }
 
 
