@@ -171,6 +171,8 @@ def equivalence(args) -> None:
         results[f"{dense}/top_k_ep{hybrid}"] = case
     if args.run:
         results["reshard"] = _reshard_report(args.run, groups)
+    if args.fsdp_run:
+        results["fsdp_reshard"] = _fsdp_restore_report(args.fsdp_run, groups)
     Path(args.out, f"rank{groups.rank}.json").write_text(json.dumps(results))
     # A world size that does not divide E is refused, and the model is left as it was.
     from visionmoe.distributed import shard_moe_experts
@@ -216,6 +218,47 @@ def _reshard_report(run: str, groups) -> dict:
         }
 
 
+def _fsdp_restore_report(run: str, groups) -> dict:
+    """Restore a 2-rank FSDP2 run's DCP checkpoint at this world size (DCP re-shards both the
+    dense DTensors and the expert rows); compare with the checkpoint read in one process."""
+    from visionmoe.distributed import (
+        ShardedReader,
+        expert_range,
+        read_layout,
+        restore_sharded,
+        shard_moe_experts,
+        wrap_data_parallel,
+    )
+    from visionmoe.distributed.data_parallel import split_sharded_groups
+    from visionmoe.distributed.expert_parallel import expert_parameter_names
+    from visionmoe.models.vit import VisionTransformer
+    from visionmoe.train.config import ExperimentConfig
+    from visionmoe.train.optim import build_optimizer
+
+    config = ExperimentConfig.from_dict(read_layout(run)["config"])
+    model = VisionTransformer(config.model)
+    shard_moe_experts(model, groups.expert_group)
+    wrap_data_parallel(model, groups, "fsdp")
+    optimizer = split_sharded_groups(build_optimizer(model, config.optim))
+    restore_sharded(run, model, optimizer, groups)
+    reader = ShardedReader(run)
+    experts = expert_parameter_names(model)
+    report = {"weights": 0.0, "exp_avg": 0.0, "step": 0.0}
+    for name, param in model.named_parameters():
+        full = reader.read(f"model/{name}")
+        slot = reader.read(f"optim/{name}/exp_avg")
+        if name in experts:
+            start, stop = expert_range(full.shape[0], groups.expert_parallel, groups.expert_rank)
+            full, slot = full[start:stop], slot[start:stop]
+        state = optimizer.state[param]
+        report["weights"] = max(report["weights"], _max_diff(_full(param.detach()), full))
+        report["exp_avg"] = max(report["exp_avg"], _max_diff(_full(state["exp_avg"]), slot))
+        step = float(state["step"]) - float(reader.read(f"optim/{name}/step"))
+        report["step"] = max(report["step"], abs(step))
+    report["local_experts"] = model.blocks[1].ffn.experts.w1.shape[0]
+    return report
+
+
 def fault(args) -> None:
     """The real entry point, with rank ``args.rank`` dying or hanging at step ``args.step``."""
     import visionmoe.distributed.train as entry
@@ -244,6 +287,7 @@ def main() -> None:
     p = sub.add_parser("equivalence")
     p.add_argument("--out", required=True)
     p.add_argument("--run", help="also load this run's sharded checkpoint at this world size")
+    p.add_argument("--fsdp-run", help="also restore this FSDP2 run's DCP checkpoint")
     p = sub.add_parser("fault")
     p.add_argument("--kind", choices=("exit", "hang"), required=True)
     p.add_argument("--rank", type=int, default=1)

@@ -1,7 +1,8 @@
 """Expert-parallel + data-parallel training on gloo/loopback (several processes per test).
 
-The processes share 2 CPU cores, so models are the debug ones, runs are a few steps long, and one
-2-rank training run (module fixture) serves the checkpoint, re-sharding and resume tests.
+The processes share 2 CPU cores, so models are the debug ones, runs are a few steps long, and two
+2-rank training runs (module fixtures: dense part under DDP, and under FSDP2 with DCP
+checkpoints) serve the checkpoint, re-sharding and resume tests.
 """
 
 from __future__ import annotations
@@ -14,7 +15,13 @@ import sys
 import pytest
 import torch
 
-from visionmoe.distributed import gather_checkpoint, load_sharded, read_layout
+from visionmoe.distributed import (
+    ShardedReader,
+    export_merged,
+    gather_checkpoint,
+    load_sharded,
+    read_layout,
+)
 from visionmoe.distributed.train import check_layout
 from visionmoe.eval.classify import evaluate_run
 from visionmoe.train.checkpoint import load_checkpoint
@@ -34,6 +41,17 @@ TRAIN_ARGS = [
     "train.eval_batch_size=512",
     "--no-progress",
 ]
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory, launcher):
+    """A 4-step, 2-rank run with the dense part under FSDP2 (DCP checkpoints at steps 2 and 4)
+    and no merged checkpoint at the end."""
+    root = tmp_path_factory.mktemp("fsdp_run")
+    run = root / "run"
+    args = [*TRAIN_ARGS, "--set", "parallel.dense=fsdp", "parallel.merged_checkpoint=false"]
+    launcher.check_ok(launcher.run_train([*args, "--run-dir", str(run)], 2, root / "logs"))
+    return run
 
 
 @pytest.fixture(scope="module")
@@ -76,10 +94,11 @@ def test_two_ranks_match_single_process(launcher, tmp_path):
 
 
 def test_four_ranks_match_single_process_and_load_a_two_rank_checkpoint(
-    launcher, tmp_path, two_rank_run
+    launcher, tmp_path, two_rank_run, fsdp_run
 ):
-    """Same at 4 ranks (one launch also re-shards the 2-rank checkpoint to 2 experts/rank)."""
+    """Same at 4 ranks (one launch also re-shards the 2-rank checkpoints to 2 experts/rank)."""
     args = ["equivalence", "--out", str(tmp_path), "--run", str(two_rank_run)]
+    args += ["--fsdp-run", str(fsdp_run)]
     launcher.check_ok(launcher.run_workers(args, 4, tmp_path))
     for rank in range(4):
         report = json.loads((tmp_path / f"rank{rank}.json").read_text())
@@ -88,6 +107,10 @@ def test_four_ranks_match_single_process_and_load_a_two_rank_checkpoint(
         assert reshard["local_experts"] == 2
         assert reshard["sharded_vs_full"] < ATOL, (rank, reshard)
         assert reshard["merged_vs_full"] == 0.0, (rank, reshard)
+        # The 2-rank FSDP2 run's DCP checkpoint restored into 4 ranks' shards, exactly.
+        fsdp = report["fsdp_reshard"]
+        assert fsdp["local_experts"] == 2
+        assert fsdp["weights"] == fsdp["exp_avg"] == fsdp["step"] == 0.0, (rank, fsdp)
 
 
 def test_two_rank_checkpoint_loads_in_one_process(two_rank_run):
@@ -129,6 +152,54 @@ def test_resume_from_sharded_checkpoint_is_exact(launcher, tmp_path, two_rank_ru
     lines = (resumed / "metrics.jsonl").read_text().splitlines()
     steps = [json.loads(line)["step"] for line in lines]
     assert steps == sorted(steps) and steps.count(3) == 1
+
+
+def test_fsdp_run_writes_dcp_and_exports_on_request(fsdp_run, tmp_path):
+    layout = read_layout(fsdp_run)
+    assert layout["format"] == "visionmoe-dcp-v1"
+    assert (layout["step"], layout["world_size"], layout["expert_parallel"]) == (4, 2, 2)
+    assert (fsdp_run / "sharded" / "step_0000004" / ".metadata").is_file()
+    # Merged checkpoint off: the summary points at the sharded one and none was written.
+    summary = json.loads((fsdp_run / "summary.json").read_text())
+    assert summary["dense"] == "fsdp"
+    assert summary["checkpoint"] == layout["path"]
+    assert not (fsdp_run / "checkpoints").exists()
+    # Global shapes in one process: all 8 experts, the whole dense part.
+    reader = ShardedReader(fsdp_run)
+    specs = reader.specs()
+    assert specs["model/blocks.1.ffn.experts.w1"][1][0] == 8
+    assert specs["optim/blocks.1.ffn.experts.w1/exp_avg"][1][0] == 8
+    gathered = gather_checkpoint(fsdp_run)
+    assert sum(v.numel() for v in gathered.values()) >= summary["num_params"]
+    # The export, written later, is the standard checkpoint `visionmoe eval RUN` reads, and
+    # evaluating it in one process gives the sharded evaluation's accuracy.
+    export = tmp_path / "export"
+    shutil.copytree(fsdp_run, export)
+    export_merged(export)
+    merged = load_checkpoint(export, with_optimizer=True)
+    assert merged["meta"]["step"] == 4
+    for key, value in gathered.items():
+        assert torch.equal(merged["model"][key], value), key
+    assert torch.equal(merged["rng"], reader.rng(0))
+    result = evaluate_run(str(export))
+    assert result["accuracy"] == summary["test_accuracy"]
+
+
+def test_fsdp_resume_from_dcp_checkpoint_is_exact(launcher, tmp_path, fsdp_run):
+    """Resuming at step 2 (DCP load into the FSDP2 shards + optimizer state) ends where the
+    uninterrupted run ended, bit for bit."""
+    resumed = tmp_path / "resumed"
+    shutil.copytree(fsdp_run, resumed)
+    shutil.rmtree(resumed / "sharded" / "step_0000004")
+    (resumed / "sharded" / "latest").write_text("step_0000002")
+    launcher.check_ok(
+        launcher.run_train(["--resume", str(resumed), "--no-progress"], 2, tmp_path / "logs")
+    )
+    expected = ShardedReader(fsdp_run)
+    again = ShardedReader(resumed)
+    assert again.layout["step"] == 4
+    for key in expected.specs():
+        assert torch.equal(again.read(key), expected.read(key)), key
 
 
 def test_refuses_layouts_before_any_work(launcher, tmp_path):

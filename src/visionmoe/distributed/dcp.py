@@ -12,6 +12,7 @@ Keys are those of the sharded format: ``model/<name>`` and ``optim/<parameter>/<
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -81,5 +82,7 @@ def read_full(path: Path, key: str, spec: tuple[torch.dtype, tuple[int, ...]]) -
     """One tensor of DCP directory ``path`` at its global shape, read in this process only."""
     dtype, shape = spec
     out = {key: torch.empty(shape, dtype=dtype)}
-    dcp.load(out, checkpoint_id=str(path), no_dist=True)
+    with warnings.catch_warnings():  # "loading in a single process" is the point here
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(out, checkpoint_id=str(path), no_dist=True)
     return out[key]
