@@ -326,7 +326,16 @@ def test_real_fashion_mnist_npz():
 
 
 def test_registry_kinds_and_unknown_kind():
-    assert DATASET_KINDS == ("digits", "folder", "idx", "cifar10", "cifar100", "npz")
+    assert DATASET_KINDS == (
+        "digits",
+        "folder",
+        "idx",
+        "cifar10",
+        "cifar100",
+        "npz",
+        "tar",
+        "hf",
+    )
     with pytest.raises(ValueError, match="cifar100") as excinfo:
         load_dataset("imagenet", "/x")
     assert not isinstance(excinfo.value, DatasetError)

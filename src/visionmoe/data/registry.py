@@ -9,12 +9,23 @@ from .cifar import CIFAR10_LAYOUT, CIFAR100_LAYOUT, load_cifar
 from .core import DatasetError, DatasetSplits
 from .digits import load_digits
 from .folder import FOLDER_LAYOUT, load_image_folder
+from .hfdisk import HF_LAYOUT, load_hf_disk
 from .idx import IDX_LAYOUT, load_idx
 from .npz import NPZ_LAYOUT, load_npz
+from .shards import SHARDS_LAYOUT, load_tar_shards
 
 __all__ = ["DATASET_KINDS", "load_dataset"]
 
-DATASET_KINDS: tuple[str, ...] = ("digits", "folder", "idx", "cifar10", "cifar100", "npz")
+DATASET_KINDS: tuple[str, ...] = (
+    "digits",
+    "folder",
+    "idx",
+    "cifar10",
+    "cifar100",
+    "npz",
+    "tar",
+    "hf",
+)
 
 _LAYOUTS = {
     "folder": FOLDER_LAYOUT,
@@ -22,6 +33,8 @@ _LAYOUTS = {
     "cifar10": CIFAR10_LAYOUT,
     "cifar100": CIFAR100_LAYOUT,
     "npz": NPZ_LAYOUT,
+    "tar": SHARDS_LAYOUT,
+    "hf": HF_LAYOUT,
 }
 
 
@@ -51,4 +64,8 @@ def load_dataset(kind: str, path: str | os.PathLike[str] | None = None, **kw: An
         return load_idx(path, **kw)
     if kind in ("cifar10", "cifar100"):
         return load_cifar(path, variant=kind, **kw)
+    if kind == "tar":
+        return load_tar_shards(path, **kw)
+    if kind == "hf":
+        return load_hf_disk(path, **kw)
     return load_npz(path, **kw)
