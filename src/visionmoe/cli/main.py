@@ -30,7 +30,13 @@ EXAMPLES = {
     "models": "visionmoe models 'vmoe*'",
     "convert": "visionmoe convert vmoe ckpts/vmoe_s32_last2_ilsvrc2012_randaug_light1 --out s32 "
     "--preset vmoe_s32_last2_ilsvrc2012\n"
-    "  visionmoe convert dense vit_s16.safetensors --out vit_s16 --set num_heads=6",
+    "  visionmoe convert dense vit_s16.safetensors --out vit_s16 --set num_heads=6\n\n"
+    "getting the vmoe files (this command only reads local files): the released checkpoints are\n"
+    "in the public Google Cloud Storage bucket named in the vmoe README, as\n"
+    "gs://vmoe_checkpoints/NAME.index + NAME.data-NNNNN-of-NNNNN (NAME: a released\n"
+    "name of a --preset); copy them next to each other and pass the common PREFIX:\n"
+    "  gsutil cp 'gs://vmoe_checkpoints/vmoe_s32_last2_ilsvrc2012_randaug_light1.*' ckpts/\n"
+    "or over https: https://storage.googleapis.com/vmoe_checkpoints/NAME.index (and each shard)",
     "upcycle": "visionmoe upcycle runs/digits_vit-... --out upcycled --set num_experts=8 top_k=2\n"
     "  visionmoe train --init upcycled",
     "recipes": "visionmoe recipes",
@@ -162,7 +168,11 @@ def _parser() -> argparse.ArgumentParser:
         "visionmoe.convert.convert_vmoe_cli / convert_dense_cli",
     )
     p.add_argument("kind", choices=["vmoe", "dense"])
-    p.add_argument("source", help="vmoe checkpoint prefix, or a timm/HF/big_vision weights file")
+    p.add_argument(
+        "source",
+        help="vmoe checkpoint prefix (PREFIX.index + PREFIX.data-*, see below), or a "
+        "timm/HF/big_vision weights file",
+    )
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--preset", help="vmoe: a released-model preset (see visionmoe.convert)")
     p.add_argument("--format", default="auto", help="dense: auto | timm | hf | big_vision")
