@@ -85,6 +85,33 @@ def digits_vmoe() -> ExperimentConfig:
 
 
 @recipe
+def digits_tiny() -> ExperimentConfig:
+    """A seconds-long V-MoE on digits (patch 4, width 32, E=4, K=2 in block 1 of 2) for smoke tests.
+
+    Command: ``visionmoe train --recipe digits_tiny --set train.threads=1``.
+    Expected: test accuracy 0.889 (seed 0) after its 150 steps; 8-20 s on one core of a
+    busy machine.
+    """
+    moe = replace(_DIGITS_MOE, num_experts=4)
+    model = ViTConfig(
+        **{
+            **_DIGITS_VIT,
+            "patch_size": 4,
+            "hidden_size": 32,
+            "mlp_dim": 64,
+            "num_heads": 2,
+            "num_layers": 2,
+            "classifier": "gap",
+        },
+        moe=moe,
+        moe_layers=(1,),
+    )
+    data = DataConfig(kind="digits", crop_padding=0)
+    config = _experiment("digits_tiny", model, data, 150, 32, 10, 150, 150, 25)
+    return replace(config, optim=replace(config.optim, lr=5e-3))
+
+
+@recipe
 def digits_vit() -> ExperimentConfig:
     """Dense ViT twin of ``digits_vmoe`` at equal active FLOPs (MLP width K x F in MoE blocks).
 
