@@ -1,6 +1,7 @@
 """visionmoe: sparse Vision Mixture-of-Experts (V-MoE, BPR, Expert Choice, Soft MoE) in PyTorch.
 
-Entry points: :func:`create_model` / :func:`list_models` (model family), :func:`set_routing`
+Entry points: :func:`load_model` (open a run, checkpoint, pretrained folder or vmoe
+checkpoint), :func:`create_model` / :func:`list_models` (model family), :func:`set_routing`
 (inference-time capacity, BPR, top-k), :func:`run_training` and the run-level evaluators, each
 the Python twin of a ``visionmoe`` command.
 """
@@ -10,6 +11,7 @@ from visionmoe.eval.fewshot_run import fewshot_run
 from visionmoe.eval.inspect import inspect_run
 from visionmoe.eval.sweep import sweep_run
 from visionmoe.hub import from_pretrained, save_pretrained
+from visionmoe.loading import EvalPreprocess, ModelInfo, load_model
 from visionmoe.models import (
     ModelAux,
     MoEConfig,
@@ -22,11 +24,12 @@ from visionmoe.models import (
 )
 from visionmoe.train.run import load_run, run_training
 from visionmoe.upcycle import upcycle
-
-__version__ = "0.1.0"
+from visionmoe.version import __version__ as __version__
 
 __all__ = [
+    "EvalPreprocess",
     "ModelAux",
+    "ModelInfo",
     "MoEConfig",
     "ViTConfig",
     "VisionTransformer",
@@ -37,6 +40,7 @@ __all__ = [
     "get_config",
     "inspect_run",
     "list_models",
+    "load_model",
     "load_run",
     "predict_files",
     "run_training",

@@ -23,6 +23,7 @@ from visionmoe.models.registry import apply_overrides
 from visionmoe.models.vit import VisionTransformer
 from visionmoe.train.checkpoint import atomic_write_text
 from visionmoe.train.finetune import load_init_weights
+from visionmoe.version import __version__
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -32,12 +33,6 @@ HUB_FORMAT_VERSION = 1
 
 class PretrainedError(ValueError):
     """A pretrained folder that is missing, incomplete or not a visionmoe model."""
-
-
-def _library_version() -> str:
-    from visionmoe import __version__  # late: the package root imports much of the library
-
-    return __version__
 
 
 def save_pretrained(
@@ -67,7 +62,7 @@ def save_pretrained(
         **model.config.to_dict(),
         "model_type": MODEL_TYPE,
         "library": "visionmoe",
-        "visionmoe_version": _library_version(),
+        "visionmoe_version": __version__,
         "format_version": HUB_FORMAT_VERSION,
         **(extra or {}),
     }

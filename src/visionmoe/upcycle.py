@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from visionmoe.hub import save_pretrained
 from visionmoe.models.config import MoEConfig, ViTConfig
 from visionmoe.models.registry import apply_overrides
 from visionmoe.models.variants import every_n
@@ -190,9 +191,8 @@ def upcycle(
     """Sparse-upcycle a dense ViT into an MoE ViT.
 
     Args:
-      dense_model_or_checkpoint: a dense :class:`VisionTransformer`, or a run / checkpoint
-        directory (loaded with :func:`visionmoe.train.run.load_run`; see :func:`upcycle_run` to
-        also get the run's config).
+      dense_model_or_checkpoint: a dense :class:`VisionTransformer`, or any source
+        :func:`visionmoe.load_model` opens (see :func:`upcycle_run` to also get a run's config).
       moe_layers: blocks whose MLP becomes an MoE (default: every other block, 1, 3, ...).
       num_experts: E copies of each MLP.
       router: ``"top_k"`` (V-MoE token choice) or ``"expert_choice"`` (cf 2 by default).
@@ -257,40 +257,45 @@ def upcycle(
 
 
 def _load_dense(
-    run_or_checkpoint: str | os.PathLike, reuse_optimizer_state: bool
-) -> tuple[VisionTransformer, ExperimentConfig, NamedOptimizerState | None, Path]:
-    from visionmoe.train.run import load_run  # late: run imports the whole training stack
+    source: str | os.PathLike, reuse_optimizer_state: bool
+) -> tuple[VisionTransformer, ExperimentConfig | None, NamedOptimizerState | None, Path]:
+    from visionmoe.loading import load_model
 
-    ckpt = load_checkpoint(run_or_checkpoint, with_optimizer=reuse_optimizer_state)
-    dense, config = load_run(ckpt["path"])
+    dense, info = load_model(source)
     if not isinstance(dense, VisionTransformer):
         raise ValueError(
-            f"{run_or_checkpoint} holds a {type(dense).__name__}; upcycling needs a ViT "
-            "image-classification run"
+            f"{source} holds a {type(dense).__name__}; upcycling needs a ViT image classifier"
         )
     named = None
     if reuse_optimizer_state:
-        optimizer = build_optimizer(dense, config.optim)
+        if info.experiment is None:
+            raise ValueError(
+                f"reuse_optimizer_state needs a run or checkpoint with optimizer state; "
+                f"'{source}' is a {info.kind} source"
+            )
+        ckpt = load_checkpoint(source, with_optimizer=True)
+        optimizer = build_optimizer(dense, info.experiment.optim)
         optimizer.load_state_dict(ckpt["optimizer"])
         named = named_optimizer_state(dense, optimizer)
-    return dense, config, named, ckpt["path"]
+    return dense, info.experiment, named, info.checkpoint or Path(source)
 
 
 def upcycle_run(
     run_or_checkpoint: str | os.PathLike, reuse_optimizer_state: bool = False, **kwargs: Any
-) -> tuple[VisionTransformer, ExperimentConfig, NamedOptimizerState | None]:
-    """Upcycle the latest weights of a run (``kwargs``: see :func:`upcycle`).
+) -> tuple[VisionTransformer, ExperimentConfig | None, NamedOptimizerState | None]:
+    """Upcycle the latest weights of a model (``kwargs``: see :func:`upcycle`).
 
-    Returns the model, the run's config with the MoE model in place (training continues with the
-    same data / optimizer / schedule), and the upcycled optimizer state when
-    ``reuse_optimizer_state`` (else None).
+    ``run_or_checkpoint`` is any source :func:`visionmoe.load_model` opens. Returns the model,
+    the run's config with the MoE model in place (training continues with the same data /
+    optimizer / schedule; None for a pretrained folder or vmoe checkpoint, which hold no training
+    settings), and the upcycled optimizer state when ``reuse_optimizer_state`` (else None).
     """
     dense, config, named, _ = _load_dense(run_or_checkpoint, reuse_optimizer_state)
     if named is None:
         model = upcycle(dense, **kwargs)
     else:
         model, named = upcycle(dense, optimizer_state=named, **kwargs)
-    return model, replace(config, model=model.config), named
+    return model, None if config is None else replace(config, model=model.config), named
 
 
 # Typed options of upcycle_cli that are not MoEConfig fields.
@@ -349,14 +354,18 @@ def _model_set_args(before: ViTConfig, after: ViTConfig) -> list[str]:
 def upcycle_cli(
     run_or_checkpoint: str | os.PathLike, out_dir: str | os.PathLike, overrides: list[str]
 ) -> Path:
-    """Upcycle a run and write it as a run-like folder ``out_dir`` (returned).
+    """Upcycle a model and write it to ``out_dir`` (returned).
+
+    From a run or checkpoint, ``out_dir`` is a run-like folder (below); from a pretrained folder
+    or vmoe checkpoint (no training settings) it is a ``save_pretrained`` folder, to fine-tune
+    with ``visionmoe train --recipe R --init OUT``.
 
     ``overrides`` are ``key=value`` strings: :func:`upcycle` options (``num_experts=16``,
     ``moe_layers=1,3``, ``router=expert_choice``, ``normalize_combine=true``, ...), any MoE field
     (``group_images=1``; a ``model.`` prefix is accepted) and ``section.field=value`` settings for
     the continued run (``train.steps=2000``). The folder holds ``config.json`` and
     ``checkpoints/step_0000000``, so ``visionmoe train --init OUT`` (with the ``--set`` flags
-    listed in ``upcycle.json``) and :func:`visionmoe.train.run.load_run` accept it; with
+    listed in ``upcycle.json``) and :func:`visionmoe.load_model` accept it; with
     ``reuse_optimizer_state=true`` the checkpoint also holds the carried-over optimizer state.
     """
     options, sets = _parse_cli(list(overrides))
@@ -366,12 +375,6 @@ def upcycle_cli(
         model = upcycle(dense, **options)
     else:
         model, named = upcycle(dense, optimizer_state=named, **options)
-    config = replace(config, model=model.config)
-    config = apply_set(config, sets) if sets else config
-    optimizer = None
-    if named is not None:
-        optimizer = build_optimizer(model, config.optim)
-        load_named_optimizer_state(model, optimizer, named)
     record = {
         "upcycled_from": str(source),
         "options": {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()},
@@ -379,6 +382,21 @@ def upcycle_cli(
         "train_set": _model_set_args(dense.config, model.config),
     }
     out = Path(out_dir)
+    if config is None:
+        if sets:
+            raise ValueError(
+                f"'{run_or_checkpoint}' holds no training settings to change; drop {sets[0]!r} "
+                "and pass it to visionmoe train --recipe R --init OUT instead"
+            )
+        save_pretrained(model, out, extra={"upcycle": record})
+        atomic_write_text(out / "upcycle.json", json.dumps(record, indent=2, sort_keys=True))
+        return out
+    config = replace(config, model=model.config)
+    config = apply_set(config, sets) if sets else config
+    optimizer = None
+    if named is not None:
+        optimizer = build_optimizer(model, config.optim)
+        load_named_optimizer_state(model, optimizer, named)
     save_checkpoint(out, 0, model, optimizer, config.to_dict(), extra={"upcycle": record})
     atomic_write_text(out / "config.json", config.to_json())
     atomic_write_text(out / "upcycle.json", json.dumps(record, indent=2, sort_keys=True))

@@ -18,10 +18,15 @@ EXAMPLES = {
     "  visionmoe train --resume runs/digits_vmoe-20261122-101500\n"
     "  visionmoe train --recipe digits_vmoe --init runs/OTHER --set model.capacity_factor=1.5\n"
     "  visionmoe train --init upcycled/   # the architecture and settings saved in upcycled/\n"
+    "  visionmoe train --recipe vmoe_s32_ilsvrc2012_ft384 --init s32/ --data imagenet/\n"
     "  torchrun --standalone --nproc-per-node 2 -m visionmoe.distributed.train \\\n"
     "      --recipe digits_vmoe",
-    "eval": "visionmoe eval runs/digits_vmoe-... --capacity-factor 0.5 --batch-priority",
-    "sweep": "visionmoe sweep runs/digits_vmoe-... --capacity-factors 0.1 0.25 0.5 1 2 4",
+    "eval": "visionmoe eval runs/digits_vmoe-... --capacity-factor 0.5 --batch-priority\n"
+    "  visionmoe eval s32/ --data imagenet/ --set data.kind=folder --batch-size 64\n"
+    "  visionmoe eval ckpts/vmoe_s32_last2_ilsvrc2012_randaug_light1 --data imagenet/ "
+    "--preset vmoe_s32_last2_ilsvrc2012",
+    "sweep": "visionmoe sweep runs/digits_vmoe-... --capacity-factors 0.1 0.25 0.5 1 2 4\n"
+    "  visionmoe sweep s32/ --data imagenet/ --set preprocess.resize_small=none",
     "fewshot": "visionmoe fewshot runs/digits_vmoe-... --shots 1 5 10 25",
     "zeroshot": "visionmoe zeroshot runs/digits_limoe-...\n"
     "  visionmoe zeroshot runs/digits_limoe-... --template 'the digit {}' --template '{}'",
@@ -48,6 +53,44 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+SOURCE_HELP = (
+    "the model: a run directory, a checkpoint directory, a save_pretrained folder or a vmoe "
+    "checkpoint prefix (PREFIX.index present)"
+)
+
+
+def _add_source(p: argparse.ArgumentParser, data: bool = True) -> None:
+    """SOURCE plus the options shared by every command that evaluates a model."""
+    p.add_argument("source", metavar="SOURCE", help=SOURCE_HELP)
+    if data:
+        p.add_argument("--data", help="dataset path (default: the run's own dataset)")
+        p.add_argument("--batch-size", type=int, help="evaluation batch size")
+    p.add_argument(
+        "--set",
+        dest="settings",
+        action="append",
+        default=[],
+        nargs="+",
+        metavar="KEY=VALUE",
+        help="model.*, data.* or preprocess.* settings, e.g. data.kind=folder "
+        "model.capacity_factor=1.5 preprocess.resize_small=none",
+    )
+    p.add_argument("--image-size", type=int, help="evaluate at this resolution")
+    p.add_argument("--preset", help="vmoe checkpoint prefixes: a released-model preset")
+
+
+def _eval_options(args: argparse.Namespace):
+    from visionmoe.eval.inputs import EvalOptions
+
+    return EvalOptions(
+        data=getattr(args, "data", None),
+        settings=tuple(item for group in args.settings for item in group),
+        batch_size=getattr(args, "batch_size", None),
+        image_size=args.image_size,
+        preset=args.preset,
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -87,7 +130,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="dataset path (shortcut for --set data.path=PATH)")
     p.add_argument("--run-dir", help="where to write the run (default runs/<recipe>-<time>)")
     p.add_argument("--resume", metavar="RUN", help="continue an interrupted run")
-    p.add_argument("--init", metavar="RUN_OR_CHECKPOINT", help="start from trained weights")
+    p.add_argument(
+        "--init",
+        metavar="SOURCE",
+        help="start from trained weights: a run, checkpoint, save_pretrained folder or vmoe "
+        "checkpoint prefix",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     p = add(
@@ -95,7 +143,7 @@ def _parser() -> argparse.ArgumentParser:
         "test accuracy and compute spent, optionally with changed routing",
         "visionmoe.eval.classify.evaluate_run",
     )
-    p.add_argument("run")
+    _add_source(p)
     p.add_argument("--capacity-factor", type=float)
     p.add_argument("--batch-priority", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--top-k", type=int)
@@ -106,14 +154,14 @@ def _parser() -> argparse.ArgumentParser:
         "accuracy vs capacity factor, vanilla routing and BPR side by side",
         "visionmoe.eval.sweep.sweep_run",
     )
-    p.add_argument("run")
+    _add_source(p)
     p.add_argument(
         "--capacity-factors",
         type=float,
         nargs="+",
         help="default: 0.1 0.25 0.5 0.75 1 1.25 2 4",
     )
-    p.add_argument("--out", help="output directory (default RUN/sweep)")
+    p.add_argument("--out", help="output directory (default SOURCE/sweep)")
     p.add_argument(
         "--orders",
         type=int,
@@ -126,10 +174,9 @@ def _parser() -> argparse.ArgumentParser:
         "closed-form ridge few-shot linear probes on frozen pre-logits",
         "visionmoe.eval.fewshot_run.fewshot_run",
     )
-    p.add_argument("run")
+    _add_source(p)
     p.add_argument("--shots", type=int, nargs="+", default=[1, 5, 10, 25])
-    p.add_argument("--dataset", help="dataset kind to probe on (default: the run's own)")
-    p.add_argument("--data", help="path of that dataset")
+    p.add_argument("--dataset", help="dataset kind to probe on (same as --set data.kind=KIND)")
     p.add_argument("--protocol", choices=["vmoe", "big_vision"], default="vmoe")
 
     p = add(
@@ -137,7 +184,7 @@ def _parser() -> argparse.ArgumentParser:
         "zero-shot accuracy of an image-text (LIMoE) run from class prompts alone",
         "visionmoe.eval.zeroshot.zeroshot_run",
     )
-    p.add_argument("run")
+    p.add_argument("run", metavar="RUN", help="an image-text (LIMoE) run or checkpoint")
     p.add_argument(
         "--template",
         dest="templates",
@@ -154,12 +201,12 @@ def _parser() -> argparse.ArgumentParser:
         "what the routers learned: loads, class x expert heatmaps, patch maps",
         "visionmoe.eval.inspect.inspect_run",
     )
-    p.add_argument("run")
-    p.add_argument("--out", help="output directory (default RUN/inspect)")
+    _add_source(p)
+    p.add_argument("--out", help="output directory (default SOURCE/inspect)")
     p.add_argument("--examples", type=int, default=8)
 
     p = add("predict", "top-5 classes for image files", "visionmoe.eval.classify.predict_files")
-    p.add_argument("run")
+    _add_source(p, data=False)
     p.add_argument("images", nargs="+")
 
     p = add(
@@ -190,7 +237,7 @@ def _parser() -> argparse.ArgumentParser:
         "sparse upcycling: copy a dense model's MLPs into experts, add fresh routers",
         "visionmoe.upcycle.upcycle_cli (visionmoe.upcycle for models)",
     )
-    p.add_argument("source", metavar="RUN_OR_CHECKPOINT")
+    p.add_argument("source", metavar="SOURCE", help=SOURCE_HELP)
     p.add_argument("--out", required=True, help="output folder (use it with train --init)")
     p.add_argument(
         "--set",
@@ -211,6 +258,7 @@ def _parser() -> argparse.ArgumentParser:
 def _train(args: argparse.Namespace) -> int:
     from visionmoe.train.config import apply_set
     from visionmoe.train.run import run_training
+    from visionmoe.train.rundir import initial_config
 
     overrides = [item for group in args.overrides for item in group]
     if args.data:
@@ -220,7 +268,7 @@ def _train(args: argparse.Namespace) -> int:
             raise ValueError("--resume continues a run as configured; drop --set/--data/--init")
         summary = run_training(resume=args.resume, progress=not args.no_progress)
     else:
-        config = apply_set(_base_config(args.recipe, args.init), overrides)
+        config = apply_set(initial_config(args.recipe, args.init), overrides)
         summary = run_training(
             config, run_dir=args.run_dir, init=args.init, progress=not args.no_progress
         )
@@ -230,20 +278,6 @@ def _train(args: argparse.Namespace) -> int:
     print(f"run directory: {summary['run_dir']}")
     print(f"  config.json, metrics.jsonl, summary.json, checkpoints/ ({summary['checkpoint']})")
     return 0
-
-
-def _base_config(recipe: str | None, init: str | None):
-    """The named recipe; else, with ``--init``, the config saved with those weights."""
-    from visionmoe.recipes import get_recipe
-    from visionmoe.train.checkpoint import load_checkpoint
-    from visionmoe.train.config import ExperimentConfig
-
-    if recipe is None and init is not None:
-        saved = Path(init) / "config.json"
-        if saved.is_file():
-            return ExperimentConfig.from_dict(json.loads(saved.read_text()))
-        return ExperimentConfig.from_dict(load_checkpoint(init)["meta"]["config"])
-    return get_recipe(recipe or "digits_vmoe")
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -263,14 +297,21 @@ def _upcycle(args: argparse.Namespace) -> int:
     from visionmoe.upcycle import upcycle_cli
 
     out = upcycle_cli(args.source, args.out, args.overrides)
-    print(f"wrote {out}; continue training with: visionmoe train --init {out}")
+    recipe = "" if (out / "checkpoints").is_dir() else "--recipe RECIPE "
+    print(f"wrote {out}; continue training with: visionmoe train {recipe}--init {out}")
     return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
     from visionmoe.eval.classify import evaluate_run
 
-    result = evaluate_run(args.run, args.capacity_factor, args.batch_priority, args.top_k)
+    result = evaluate_run(
+        args.source,
+        args.capacity_factor,
+        args.batch_priority,
+        args.top_k,
+        options=_eval_options(args),
+    )
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -292,7 +333,9 @@ def _sweep(args: argparse.Namespace) -> int:
     from visionmoe.eval.sweep import DEFAULT_CAPACITY_FACTORS, sweep_run, sweep_table
 
     factors = tuple(args.capacity_factors or DEFAULT_CAPACITY_FACTORS)
-    result = sweep_run(args.run, factors, args.out, orders=args.orders)
+    result = sweep_run(
+        args.source, factors, args.out, orders=args.orders, options=_eval_options(args)
+    )
     print(sweep_table(result["rows"]), end="")
     n, orders = result["num_examples"], result["orders"]
     # Differences of a few images flip sign between test orders; say how big one image is.
@@ -308,7 +351,13 @@ def _sweep(args: argparse.Namespace) -> int:
 def _fewshot(args: argparse.Namespace) -> int:
     from visionmoe.eval.fewshot_run import fewshot_run
 
-    result = fewshot_run(args.run, tuple(args.shots), args.dataset, args.data, args.protocol)
+    result = fewshot_run(
+        args.source,
+        tuple(args.shots),
+        args.dataset,
+        protocol=args.protocol,
+        options=_eval_options(args),
+    )
     for dataset, per_shot in result.accuracy.items():
         cells = "  ".join(f"{shot}-shot {acc:.4f}" for shot, acc in per_shot.items())
         print(f"{dataset}: {cells}")
@@ -341,7 +390,9 @@ def _zeroshot(args: argparse.Namespace) -> int:
 def _inspect(args: argparse.Namespace) -> int:
     from visionmoe.eval.inspect import inspect_run
 
-    report = inspect_run(args.run, args.out, num_examples=args.examples)
+    report = inspect_run(
+        args.source, args.out, num_examples=args.examples, options=_eval_options(args)
+    )
     print(f"wrote {report} (and PNG figures in {Path(report).parent})")
     return 0
 
@@ -349,7 +400,7 @@ def _inspect(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     from visionmoe.eval.classify import predict_files
 
-    for item in predict_files(args.run, args.images):
+    for item in predict_files(args.source, args.images, options=_eval_options(args)):
         top = ", ".join(f"{t['class']} {t['prob']:.3f}" for t in item["top"])
         print(f"{item['path']}: {top}")
     return 0

@@ -52,12 +52,12 @@ from visionmoe.distributed.groups import (
     check_expert_parallel,
     init_distributed,
 )
+from visionmoe.loading import load_state
 from visionmoe.models.registry import apply_overrides
 from visionmoe.models.vit import VisionTransformer
 from visionmoe.train.checkpoint import (
     CheckpointError,
     atomic_write_text,
-    load_checkpoint,
 )
 from visionmoe.train.config import ExperimentConfig
 from visionmoe.train.finetune import load_init_weights
@@ -65,7 +65,7 @@ from visionmoe.train.hooks import MetricsLog
 from visionmoe.train.inputs import TensorSplit, load_splits, to_tensors
 from visionmoe.train.loop import TrainState, batch_for_step, train_step
 from visionmoe.train.optim import build_optimizer, learning_rate, set_learning_rate
-from visionmoe.train.run import _truncate_metrics, default_run_dir
+from visionmoe.train.rundir import default_run_dir, initial_config, truncate_metrics
 
 # Per-rank router-noise / dropout streams: rank 0 keeps the single-process stream.
 _RANK_SEED_STRIDE = 1_000_003
@@ -226,7 +226,7 @@ def train_distributed(
     model = VisionTransformer(config.model)
     init_notes: list[str] = []
     if init is not None and layout is None:
-        init_notes = load_init_weights(model, load_checkpoint(init)["model"])
+        init_notes = load_init_weights(model, load_state(init))
     model.to(groups.device)
     if groups.expert_parallel > 1:
         shard_moe_experts(model, groups.expert_group)
@@ -243,7 +243,7 @@ def train_distributed(
             groups.expert_parallel,
         )
         if groups.is_main:
-            _truncate_metrics(run_dir / "metrics.jsonl", start_step)
+            truncate_metrics(run_dir / "metrics.jsonl", start_step)
     elif groups.is_main:
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     if same_layout:
@@ -327,14 +327,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--recipe digits_vmoe --set train.steps=500",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--recipe", default="digits_vmoe", help="recipe name")
+    parser.add_argument(
+        "--recipe", help="recipe name (default digits_vmoe, or with --init the config saved there)"
+    )
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], nargs="+", metavar="KEY=VALUE"
     )
     parser.add_argument("--data", help="dataset path (shortcut for --set data.path=PATH)")
     parser.add_argument("--run-dir", help="where to write the run (default runs/<name>-<time>)")
     parser.add_argument("--resume", metavar="RUN", help="continue a distributed run")
-    parser.add_argument("--init", metavar="RUN_OR_CHECKPOINT", help="start from trained weights")
+    parser.add_argument(
+        "--init",
+        metavar="SOURCE",
+        help="start from trained weights: a run, checkpoint, pretrained folder or vmoe prefix",
+    )
     parser.add_argument(
         "--expert-parallel",
         type=int,
@@ -355,7 +361,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse, refuse impossible layouts before joining the group, train, leave the group."""
-    from visionmoe.recipes import get_recipe
     from visionmoe.train.config import apply_set
 
     args = parse_args(argv)
@@ -373,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
             args.expert_parallel,
         )
     else:
-        config = apply_set(get_recipe(args.recipe), overrides)
+        config = apply_set(initial_config(args.recipe, args.init), overrides)
         check_layout(config, int(os.environ.get("WORLD_SIZE", "1")), args.expert_parallel)
     device = init_distributed(args.timeout, args.backend)
     groups = build_groups(args.expert_parallel, device)

@@ -4,10 +4,19 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from visionmoe.eval.inputs import (
+    EvalOptions,
+    describe,
+    open_for_eval,
+    open_model,
+    prepare_images,
+)
 
 
 @torch.no_grad()
@@ -88,40 +97,45 @@ def evaluate_batches(
 
 
 def evaluate_run(
-    run: str,
+    source: str,
     capacity_factor: float | None = None,
     batch_priority: bool | None = None,
     top_k: int | None = None,
     batch_size: int | None = None,
+    *,
+    options: EvalOptions | None = None,
 ) -> dict:
-    """Test accuracy and compute spent by a trained run, optionally with changed routing.
+    """Test accuracy and compute spent by any model, optionally with changed routing.
 
+    ``source`` is anything :func:`visionmoe.load_model` opens; ``options`` pick the data
+    (``EvalOptions(data=PATH, settings=("data.kind=folder",))``), batch size and image size.
     Example: ``evaluate_run("runs/digits_vmoe-...", capacity_factor=0.5, batch_priority=True)``.
     """
     from visionmoe.models.routing_control import set_routing
-    from visionmoe.train.inputs import load_splits, to_tensors
-    from visionmoe.train.run import load_run
 
-    model, config = load_run(run)
-    set_routing(model, capacity_factor=capacity_factor, batch_priority=batch_priority, top_k=top_k)
-    test = to_tensors(load_splits(config.data).test, config.model)
-    result = evaluate(model, test.x, test.y, batch_size or config.train.eval_batch_size)
+    options = options or EvalOptions()
+    if batch_size is not None:
+        options = replace(options, batch_size=batch_size)
+    inputs = open_for_eval(source, options)
+    set_routing(
+        inputs.model, capacity_factor=capacity_factor, batch_priority=batch_priority, top_k=top_k
+    )
+    result = evaluate(inputs.model, inputs.test.x, inputs.test.y, inputs.batch_size)
     result.update(capacity_factor=capacity_factor, batch_priority=batch_priority, top_k=top_k)
+    result.update(describe(inputs.info), dataset=inputs.splits.name)
     return result
 
 
 @torch.no_grad()
-def predict_files(run: str, paths: list[str], top: int = 5) -> list[dict]:
-    """Top-``top`` classes with probabilities for each image file."""
+def predict_files(
+    source: str, paths: list[str], top: int = 5, *, options: EvalOptions | None = None
+) -> list[dict]:
+    """Top-``top`` classes with probabilities for each image file, for any model source."""
     import numpy as np
     from PIL import Image
 
-    from visionmoe.data import to_model_input
-    from visionmoe.train.run import load_run, run_class_names
-
-    model, config = load_run(run)
-    names = run_class_names(run, config.model.num_classes)
-    mode = "L" if config.model.in_chans == 1 else "RGB"
+    model, info = open_model(source, options or EvalOptions())
+    mode = "L" if info.in_chans == 1 else "RGB"
     out = []
     for path in paths:
         try:
@@ -131,14 +145,13 @@ def predict_files(run: str, paths: list[str], top: int = 5) -> list[dict]:
             raise ValueError(f"cannot read image '{path}': {err}") from None
         if array.ndim == 2:
             array = array[..., None]
-        x = to_model_input(array[None], config.model.image_size, config.model.in_chans)
-        probs = torch.softmax(model(x).float(), -1)[0]
+        probs = torch.softmax(model(prepare_images(array[None], info)).float(), -1)[0]
         values, index = probs.topk(min(top, len(probs)))
         out.append(
             {
                 "path": str(path),
                 "top": [
-                    {"class": names[i], "index": int(i), "prob": float(v)}
+                    {"class": info.class_names[i], "index": int(i), "prob": float(v)}
                     for v, i in zip(values.tolist(), index.tolist(), strict=True)
                 ],
             }

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import torch
 from torch import nn
 
 from visionmoe.eval.fewshot import FewShotResult, fewshot_evaluate
+from visionmoe.eval.inputs import EvalOptions, eval_data_config, open_model, prepare_split
+from visionmoe.train.inputs import load_splits
 
 
 @torch.no_grad()
@@ -27,25 +31,30 @@ def fewshot_run(
     path: str | None = None,
     protocol: str = "vmoe",
     seeds: tuple[int, ...] | None = None,
+    *,
+    options: EvalOptions | None = None,
 ) -> FewShotResult:
-    """Closed-form ridge probes on a run's features, on its own dataset or another one.
+    """Closed-form ridge probes on a model's features, on its own dataset or another one.
 
+    ``run`` is any source :func:`visionmoe.load_model` opens; ``kind`` / ``path`` (or
+    ``options``: ``--data``, ``--set data.kind=...``, batch and image size) name the dataset.
     Example: ``fewshot_run("runs/digits_vmoe-...", shots=(1, 5, 10, 25))``.
     """
-    from visionmoe.train.config import DataConfig
-    from visionmoe.train.inputs import load_splits, to_tensors
-    from visionmoe.train.run import load_run
-
-    model, config = load_run(run)
-    data = config.data if kind is None else DataConfig(kind=kind, path=path)
-    splits = load_splits(data)
-    train = to_tensors(splits.train, config.model)
-    test = to_tensors(splits.test, config.model)
+    options = options or EvalOptions()
+    if path is not None:
+        options = replace(options, data=path)
+    if kind is not None:
+        options = replace(options, settings=(*options.settings, f"data.kind={kind}"))
+    model, info = open_model(run, options)
+    splits = load_splits(eval_data_config(info, options))
+    train = prepare_split(splits.train, info)
+    test = prepare_split(splits.test, info)
+    batch = options.batch_size or 256
     datasets = {
         splits.name: (
-            extract_features(model, train.x),
+            extract_features(model, train.x, batch),
             train.y.numpy(),
-            extract_features(model, test.x),
+            extract_features(model, test.x, batch),
             test.y.numpy(),
         )
     }

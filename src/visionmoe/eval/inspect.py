@@ -5,6 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from visionmoe.eval.inputs import EvalOptions, default_out_dir, eval_data_config, open_model
+from visionmoe.train.inputs import load_splits
+
 if TYPE_CHECKING:
     from torch import nn
 
@@ -18,32 +21,35 @@ def inspect_run(
     capacity_factors: tuple[float, ...] = (0.25, 0.5, 1.0),
     max_images: int = 2000,
     progress: bool = True,
+    *,
+    options: EvalOptions | None = None,
 ) -> Path:
-    """Write the routing report of a run (PNG figures + one self-contained ``report.html``).
+    """Write the routing report of a model (PNG figures + one self-contained ``report.html``).
 
-    Example: ``inspect_run("runs/digits_vmoe-...")`` writes to ``RUN/inspect/``.
+    ``run`` is any source :func:`visionmoe.load_model` opens; ``options`` pick the data and
+    image size as for ``evaluate_run``. Example: ``inspect_run("runs/digits_vmoe-...")`` writes
+    to ``RUN/inspect/`` (``PREFIX_inspect`` beside a vmoe checkpoint).
     """
     from visionmoe.eval.report import inspect_model
-    from visionmoe.train.inputs import load_splits
-    from visionmoe.train.run import load_run
 
     if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples < 1:
         raise ValueError(f"num_examples (--examples) must be an integer >= 1, got {num_examples!r}")
-    model, config = load_run(run)
-    out = Path(out_dir) if out_dir else Path(run) / "inspect"
-    if config.text is not None:
-        return _inspect_limoe(run, model, config, out, max_images)
-    test = load_splits(config.data).test
+    options = options or EvalOptions()
+    out = Path(out_dir) if out_dir else default_out_dir(run, "inspect")
+    model, info = open_model(run, options)
+    if info.experiment is not None and info.experiment.text is not None:
+        return _inspect_limoe(run, model, info.experiment, out, max_images)
+    test = load_splits(eval_data_config(info, options)).test
     return inspect_model(
         model,
         test,
-        config.model.image_size,
-        config.model.in_chans,
+        info.preprocess.size,
+        info.in_chans,
         out,
         num_examples=num_examples,
         capacity_factors=tuple(capacity_factors),
         max_images=max_images,
-        title=f"Routing report: {config.name}",
+        title=f"Routing report: {info.experiment.name if info.experiment else Path(run).name}",
         progress=progress,
     )
 

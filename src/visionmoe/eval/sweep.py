@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from visionmoe.eval.classify import evaluate
+from visionmoe.eval.inputs import EvalOptions, default_out_dir, describe, open_for_eval
 from visionmoe.models.routing_control import set_routing
 
 DEFAULT_CAPACITY_FACTORS = (0.1, 0.25, 0.5, 0.75, 1.0, 1.25, 2.0, 4.0)
@@ -20,29 +22,32 @@ def sweep_run(
     out_dir: str | None = None,
     batch_size: int | None = None,
     orders: int = 1,
+    *,
+    options: EvalOptions | None = None,
 ) -> dict:
-    """Evaluate a run at each capacity factor with and without BPR.
+    """Evaluate a model (any source ``load_model`` opens) at each capacity factor, with and
+    without BPR (``options``: data, batch size and image size as for ``evaluate_run``).
 
     Which tokens compete for an expert depends on how the test set is cut into routing groups,
     so vanilla routing (position order) in particular varies with the order of the test
     examples; ``orders > 1`` averages the dataset order and ``orders - 1`` seeded random
     orderings. Writes ``sweep.json``, ``sweep.md`` and ``sweep.png`` to ``out_dir`` (default
-    ``RUN/sweep``) and returns the results. ``compute_frac`` is the fraction of token-expert
-    assignments processed.
+    ``RUN/sweep``, or ``PREFIX_sweep`` beside a vmoe checkpoint) and returns the results.
+    ``compute_frac`` is the fraction of token-expert assignments processed.
     """
-    from visionmoe.train.inputs import load_splits, to_tensors
-    from visionmoe.train.run import load_run
-
     if not capacity_factors or any(not cf > 0 for cf in capacity_factors):
         raise ValueError(f"capacity factors must be > 0, got {list(capacity_factors)}")
-    model, config = load_run(run)
+    if orders < 1:
+        raise ValueError(f"orders must be >= 1, got {orders}")
+    options = options or EvalOptions()
+    if batch_size is not None:
+        options = replace(options, batch_size=batch_size)
+    inputs = open_for_eval(run, options)
+    model, test = inputs.model, inputs.test
     if not any(
         hasattr(m.router, "bpr_score") for _, m in model.moe_blocks.items() if hasattr(m, "router")
     ):
-        raise ValueError(f"run '{run}' has no token-choice MoE layers; nothing to sweep")
-    if orders < 1:
-        raise ValueError(f"orders must be >= 1, got {orders}")
-    test = to_tensors(load_splits(config.data).test, config.model)
+        raise ValueError(f"model '{run}' has no token-choice MoE layers; nothing to sweep")
     perms = [torch.arange(len(test.y))] + [
         torch.from_numpy(np.random.default_rng(r).permutation(len(test.y)))
         for r in range(1, orders)
@@ -52,16 +57,20 @@ def sweep_run(
         row = {"capacity_factor": cf}
         for label, bpr in (("vanilla", False), ("bpr", True)):
             set_routing(model, capacity_factor=cf, batch_priority=bpr)
-            results = [
-                evaluate(model, test.x[p], test.y[p], batch_size or config.train.eval_batch_size)
-                for p in perms
-            ]
+            results = [evaluate(model, test.x[p], test.y[p], inputs.batch_size) for p in perms]
             row[f"{label}_accuracy"] = float(np.mean([r["accuracy"] for r in results]))
             row[f"{label}_compute_frac"] = float(np.mean([r["compute_frac"] for r in results]))
         rows.append(row)
-    out = Path(out_dir) if out_dir else Path(run) / "sweep"
+    out = Path(out_dir) if out_dir else default_out_dir(run, "sweep")
     out.mkdir(parents=True, exist_ok=True)
-    result = {"run": str(run), "orders": orders, "num_examples": len(test.y), "rows": rows}
+    result = {
+        "run": str(run),
+        **describe(inputs.info),
+        "dataset": inputs.splits.name,
+        "orders": orders,
+        "num_examples": len(test.y),
+        "rows": rows,
+    }
     (out / "sweep.json").write_text(json.dumps(result, indent=2))
     (out / "sweep.md").write_text(sweep_table(rows))
     from visionmoe.eval.plots import plot_capacity_sweep

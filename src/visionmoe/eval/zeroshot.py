@@ -114,13 +114,14 @@ def zeroshot_run(
     ``zeroshot_run(run, ["a photo of a {}"], dataset="folder", data="my_classes/")``.
     ``dataset`` / ``data`` pick another dataset kind and path (default: the run's digits).
     """
+    from visionmoe.loading import load_model
     from visionmoe.models.limoe import LIMoE
     from visionmoe.train.config import DataConfig
     from visionmoe.train.inputs import load_splits, to_tensors
-    from visionmoe.train.run import load_run
 
-    model, config = load_run(run)
-    if not isinstance(model, LIMoE):
+    model, info = load_model(run)
+    config = info.experiment
+    if not isinstance(model, LIMoE) or config is None:
         raise ValueError(f"run '{run}' is an image classifier, not an image-text (LIMoE) run")
     if dataset is None and config.data.kind != "digits":
         raise ValueError(

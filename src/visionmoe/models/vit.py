@@ -258,12 +258,6 @@ class VisionTransformer(nn.Module):
             x = self.pre_logits(x)
         return x if pre_logits else self.head(x)
 
-    def save_pretrained(self, directory) -> None:
-        """Save weights + config in the Hugging Face Hub folder layout (see ``visionmoe.hub``)."""
-        from visionmoe.hub import save_pretrained
-
-        save_pretrained(self, directory)
-
     def forward(self, x_BCHW: Tensor, return_aux: bool = False):
         """Logits ``(B, C)``; E^3 models return member logits ``(B, M, C)``."""
         tokens, aux = self._features(x_BCHW)

@@ -42,6 +42,7 @@ from visionmoe.train.features import prepare_model
 from visionmoe.train.hooks import Checkpoint, MetricsLog
 from visionmoe.train.loop import Hook, TrainState, augment_for_step, fit
 from visionmoe.train.optim import build_optimizer
+from visionmoe.train.rundir import restore_or_init
 
 CAPTION_KINDS = ("digits", "folder")
 
@@ -256,8 +257,6 @@ def train_contrastive(
     progress: bool,
 ) -> dict:
     """Train a LIMoE run into ``run_dir`` (``ckpt``: the checkpoint to resume from, if any)."""
-    from visionmoe.train.run import restore_or_init
-
     tokenizer = Tokenizer()
     if tokenizer.vocab_size > config.text.vocab_size:
         raise ValueError(

@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 import os
 import time
-from datetime import datetime
 from pathlib import Path
 
 import torch
-from torch import nn
 
+from visionmoe.loading import build_model, detect_source, load_model
 from visionmoe.models.limoe import LIMoE
 from visionmoe.models.registry import apply_overrides
 from visionmoe.models.vit import VisionTransformer
@@ -19,7 +18,6 @@ from visionmoe.train.checkpoint import (
     atomic_write_text,
     load_checkpoint,
     resolve_checkpoint,
-    restore_rng_state,
 )
 from visionmoe.train.config import ExperimentConfig
 from visionmoe.train.features import prepare_model
@@ -28,45 +26,9 @@ from visionmoe.train.hooks import Checkpoint, Evaluate, MetricsLog
 from visionmoe.train.inputs import TrainStream, eval_stream, load_splits
 from visionmoe.train.loop import TrainState, fit, stream_batch_for_step
 from visionmoe.train.optim import build_optimizer
+from visionmoe.train.rundir import default_run_dir, restore_or_init
 
-DEFAULT_RUNS_DIR = "runs"
-
-
-def default_run_dir(name: str) -> Path:
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    return Path(os.environ.get("VISIONMOE_RUNS", DEFAULT_RUNS_DIR)) / f"{name}-{stamp}"
-
-
-def build_model(config: ExperimentConfig) -> nn.Module:
-    """The model a config describes: a LIMoE when ``config.text`` is set, else a ViT."""
-    if config.text is not None:
-        return LIMoE(config.model, config.text)
-    return VisionTransformer(config.model)
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop log lines written after the checkpoint we resume from."""
-    if not path.exists():
-        return
-    keep = [
-        line
-        for line in path.read_text().splitlines()
-        if line.strip() and json.loads(line)["step"] <= step
-    ]
-    atomic_write_text(path, "".join(line + "\n" for line in keep))
-
-
-def restore_or_init(model, optimizer, run_dir: Path, ckpt: dict | None, init, init_fn) -> list[str]:
-    """Resume from ``ckpt`` (weights, optimizer, RNG, log truncated to its step), or start fresh,
-    optionally from the weights at ``init`` loaded with ``init_fn(model, state) -> notes``."""
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        restore_rng_state(ckpt["rng"], ckpt.get("rng_cuda"))
-        _truncate_metrics(run_dir / "metrics.jsonl", ckpt["meta"]["step"])
-        return []
-    (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-    return init_fn(model, load_checkpoint(init)["model"]) if init is not None else []
+__all__ = ["build_model", "load_run", "run_class_names", "run_training"]
 
 
 def run_training(
@@ -78,8 +40,9 @@ def run_training(
 ) -> dict:
     """Train ``config`` into ``run_dir`` (or continue the run at ``resume``).
 
-    ``init`` starts from the weights of another run or checkpoint (fine-tuning). Returns the
-    summary also written to ``summary.json``.
+    ``init`` starts from the weights of another model (fine-tuning): a run, a checkpoint, a
+    ``save_pretrained`` folder or a vmoe checkpoint prefix (see :func:`visionmoe.load_model`).
+    Returns the summary also written to ``summary.json``.
     """
     start_step, ckpt = 0, None
     if resume is not None:
@@ -99,6 +62,8 @@ def run_training(
                 ) from None
     if config is None:
         raise ValueError("run_training needs a config or a run to resume")
+    if init is not None:
+        detect_source(init)  # an unopenable --init fails before anything is written
     # Load the data first: a bad dataset path fails before anything is written.
     splits = load_splits(config.data) if config.text is None else None
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(config.name)
@@ -170,28 +135,22 @@ def run_training(
 def load_run(
     path: str | os.PathLike, **model_overrides
 ) -> tuple[VisionTransformer | LIMoE, ExperimentConfig]:
-    """Model (eval mode, latest weights) and config of a run or checkpoint directory.
+    """Model (eval mode, latest weights) and training config of a run or checkpoint directory.
 
-    Image-text runs (``config.text`` set) come back as a :class:`LIMoE`.
-
-    ``model_overrides`` are flat model options applied before the weights load (e.g.
-    ``capacity_factor`` or ``dispatch``).
+    Image-text runs (``config.text`` set) come back as a :class:`LIMoE`. ``model_overrides`` are
+    flat model options applied before the weights load (e.g. ``capacity_factor``). To open any
+    source, a pretrained folder or a vmoe checkpoint too, use :func:`visionmoe.load_model`.
     """
-    ckpt = load_checkpoint(path)
-    config = ExperimentConfig.from_dict(ckpt["meta"]["config"])
-    if model_overrides:
-        config = ExperimentConfig(
-            **{**config.__dict__, "model": apply_overrides(config.model, **model_overrides)}
+    model, info = load_model(path, **model_overrides)
+    if info.experiment is None:
+        raise ValueError(
+            f"'{path}' is a {info.kind} source with no training config; open it with "
+            "visionmoe.load_model"
         )
-    model = build_model(config)
-    model.load_state_dict(ckpt["model"])
-    return model.eval(), config
+    return model, info.experiment
 
 
 def run_class_names(path: str | os.PathLike, num_classes: int) -> list[str]:
     """Class names saved with a run (falls back to ``"0" .. "C-1"``)."""
-    ckpt = resolve_checkpoint(path)
-    for candidate in (ckpt.parent.parent / "classes.json", ckpt / "classes.json"):
-        if candidate.is_file():
-            return json.loads(candidate.read_text())
-    return [str(i) for i in range(num_classes)]
+    names = list(load_model(path).info.class_names)
+    return names if len(names) == num_classes else [str(i) for i in range(num_classes)]
