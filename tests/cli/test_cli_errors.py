@@ -54,7 +54,7 @@ BAD = [
     (["train", "--init", "{missing}"], "train", "{missing}"),
     (["train", "--recipe", "fashion_mnist_vmoe", "--data", "{missing}.npz"], "train", "{missing}"),
     (["eval", "{missing}"], "eval", "{missing}"),
-    (["eval"], "eval", "run"),
+    (["eval"], "eval", "SOURCE"),
     (["eval", "{run}", "--capacity-factor", "inf"], "eval", "inf"),
     (["eval", "{run}", "--capacity-factor", "0"], "eval", "0.0"),
     (["eval", "{run}", "--capacity-factor", "abc"], "eval", "'abc'"),

@@ -48,7 +48,7 @@ def test_run_checkpoint_and_pretrained_folder_open_to_the_same_model(run_dir, tm
     model, info = load_model(run_dir)
     assert info.kind == "run" and info.step == 7 and info.experiment.name == "digits_vmoe"
     assert info.class_names[3] == "digit 3" and info.checkpoint.name == "step_0000007"
-    assert info.preprocess == EvalPreprocess(size=8) and not model.training
+    assert info.preprocess == EvalPreprocess(size=8, pipeline="training") and not model.training
 
     ckpt = run_dir / "checkpoints" / "step_0000007"
     from_ckpt, ckpt_info = load_model(ckpt)

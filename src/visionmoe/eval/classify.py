@@ -15,7 +15,7 @@ from visionmoe.eval.inputs import (
     describe,
     open_for_eval,
     open_model,
-    prepare_images,
+    prepare_image,
 )
 
 
@@ -120,7 +120,7 @@ def evaluate_run(
     set_routing(
         inputs.model, capacity_factor=capacity_factor, batch_priority=batch_priority, top_k=top_k
     )
-    result = evaluate(inputs.model, inputs.test.x, inputs.test.y, inputs.batch_size)
+    result = evaluate_batches(inputs.model, inputs.batches())
     result.update(capacity_factor=capacity_factor, batch_priority=batch_priority, top_k=top_k)
     result.update(describe(inputs.info), dataset=inputs.splits.name)
     return result
@@ -145,7 +145,7 @@ def predict_files(
             raise ValueError(f"cannot read image '{path}': {err}") from None
         if array.ndim == 2:
             array = array[..., None]
-        probs = torch.softmax(model(prepare_images(array[None], info)).float(), -1)[0]
+        probs = torch.softmax(model(prepare_image(array, info)).float(), -1)[0]
         values, index = probs.topk(min(top, len(probs)))
         out.append(
             {

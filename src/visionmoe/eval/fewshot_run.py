@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import replace
 
 import numpy as np
@@ -9,19 +10,31 @@ import torch
 from torch import nn
 
 from visionmoe.eval.fewshot import FewShotResult, fewshot_evaluate
-from visionmoe.eval.inputs import EvalOptions, eval_data_config, open_model, prepare_split
-from visionmoe.train.inputs import load_splits
+from visionmoe.eval.inputs import EvalOptions, open_for_eval
 
 
 @torch.no_grad()
 def extract_features(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> np.ndarray:
     """Pre-logits (the head's input) in eval mode, as float64 numpy."""
+    batches = [(x[i : i + batch_size], None) for i in range(0, len(x), batch_size)]
+    return batch_features(model, batches)[0]
+
+
+@torch.no_grad()
+def batch_features(
+    model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor | None]]
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Pre-logits of streamed ``(x, y)`` batches (float64) and their labels (None if absent)."""
     model.eval()
-    feats = [
-        model.forward_head(model.forward_features(x[i : i + batch_size]), pre_logits=True)
-        for i in range(0, len(x), batch_size)
-    ]
-    return torch.cat(feats).double().numpy()
+    feats, labels = [], []
+    for x, y in batches:
+        feats.append(model.forward_head(model.forward_features(x), pre_logits=True))
+        if y is not None:
+            labels.append(y)
+    return (
+        torch.cat(feats).double().numpy(),
+        torch.cat(labels).numpy() if labels else None,
+    )
 
 
 def fewshot_run(
@@ -45,17 +58,8 @@ def fewshot_run(
         options = replace(options, data=path)
     if kind is not None:
         options = replace(options, settings=(*options.settings, f"data.kind={kind}"))
-    model, info = open_model(run, options)
-    splits = load_splits(eval_data_config(info, options))
-    train = prepare_split(splits.train, info)
-    test = prepare_split(splits.test, info)
-    batch = options.batch_size or 256
-    datasets = {
-        splits.name: (
-            extract_features(model, train.x, batch),
-            train.y.numpy(),
-            extract_features(model, test.x, batch),
-            test.y.numpy(),
-        )
-    }
+    inputs = open_for_eval(run, options, classifier=False)
+    train_x, train_y = batch_features(inputs.model, inputs.batches(inputs.splits.train))
+    test_x, test_y = batch_features(inputs.model, inputs.batches())
+    datasets = {inputs.splits.name: (train_x, train_y, test_x, test_y)}
     return fewshot_evaluate(datasets, shots=tuple(shots), protocol=protocol, seeds=seeds)

@@ -15,19 +15,33 @@ from __future__ import annotations
 
 import os
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from visionmoe.data import DATASET_KINDS, DatasetSplits, ImageDataset, to_model_input
+from visionmoe.data import (
+    DATASET_KINDS,
+    DatasetError,
+    DatasetSplits,
+    EvalBatches,
+    ImageDataset,
+    ImageSource,
+    SampleTransform,
+    eval_indices,
+    make_loader,
+    to_model_input,
+)
+from visionmoe.data.loader import read_batch
+from visionmoe.data.ops import Transform, eval_ops
 from visionmoe.loading import EvalPreprocess, ModelInfo, load_model
 from visionmoe.train.config import DataConfig, parse_model_options, parse_value
-from visionmoe.train.inputs import TensorSplit, load_splits
+from visionmoe.train.inputs import load_splits, num_workers
+from visionmoe.train.inputs import sample_transform as training_transform
 
 EVAL_SECTIONS = ("model", "data", "preprocess")
 DEFAULT_EVAL_BATCH_SIZE = 256
@@ -124,57 +138,105 @@ def eval_data_config(info: ModelInfo, options: EvalOptions) -> DataConfig:
     )
 
 
-def prepare_images(images_NHWC: np.ndarray, info: ModelInfo, chunk: int = 1024) -> torch.Tensor:
-    """uint8 images -> model input ``(N, C, S, S)`` in [-1, 1] with the model's preprocessing."""
+class VmoeEvalTransform:
+    """Per-sample loader transform: the ``visionmoe.data.ops`` evaluation ops of a preprocess."""
+
+    def __init__(self, preprocess: EvalPreprocess) -> None:
+        self.transform = Transform(ops=eval_ops(preprocess.size, preprocess.resize_small))
+
+    def __call__(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        return self.transform(image, torch.Generator()).numpy()  # deterministic ops: no draws
+
+
+def eval_transform(source: ImageSource, info: ModelInfo) -> SampleTransform | None:
+    """How each sample of ``source`` is prepared for the model ``info`` describes."""
     pre = info.preprocess
-    parts = []
-    for i in range(0, len(images_NHWC), chunk):
-        batch = images_NHWC[i : i + chunk]
-        if pre.resize_small is not None:
-            batch = _resize_small_crop(batch, pre.resize_small, pre.size)
-        parts.append(to_model_input(batch, pre.size, info.in_chans))
-    if not parts:
-        return torch.empty(0, info.in_chans, pre.size, pre.size)
-    return torch.cat(parts)
+    if pre.pipeline == "training":
+        return training_transform(source, replace(info.model_config, image_size=pre.size))
+    return VmoeEvalTransform(pre)
 
 
-def _resize_small_crop(images_NHWC: np.ndarray, small: int, crop: int) -> torch.Tensor:
-    """Shorter side to ``small`` (area averaging, aspect kept), then a central ``crop`` window."""
-    x = torch.from_numpy(np.ascontiguousarray(images_NHWC)).permute(0, 3, 1, 2).float()
-    h, w = x.shape[-2:]
-    factor = small / min(h, w)
-    x = F.interpolate(x, size=(round(h * factor), round(w * factor)), mode="area")
-    top, left = (x.shape[-2] - crop) // 2, (x.shape[-1] - crop) // 2
-    x = x[..., top : top + crop, left : left + crop]
-    return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
-
-
-def prepare_split(dataset: ImageDataset, info: ModelInfo) -> TensorSplit:
-    return TensorSplit(
-        prepare_images(dataset.images, info),
-        torch.as_tensor(dataset.labels, dtype=torch.long),
-        dataset.images,
-    )
+def prepare_image(image_HWC: np.ndarray, info: ModelInfo) -> torch.Tensor:
+    """One uint8 image -> model input ``(1, C, S, S)`` with the model's preprocessing."""
+    if info.preprocess.pipeline == "vmoe":
+        image_HWC = VmoeEvalTransform(info.preprocess)(image_HWC, np.random.default_rng(0))
+    return to_model_input(image_HWC[None], info.preprocess.size, info.in_chans)
 
 
 @dataclass
 class EvalInputs:
-    """An opened model with the data to evaluate it on."""
+    """An opened model with the data to evaluate it on, streamed in the seeded eval order."""
 
     model: nn.Module
     info: ModelInfo
     data: DataConfig
     splits: DatasetSplits
-    test: TensorSplit
     batch_size: int
+    seed: int = 0
+
+    def batches(
+        self, source: ImageSource | None = None, seed: int | None = None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Model-ready ``(x, y)`` batches of ``source`` (default: the test split)."""
+        source = self.splits.test if source is None else source
+        dataset = EvalBatches(
+            source,
+            self.batch_size,
+            self.seed if seed is None else seed,
+            transform=eval_transform(source, self.info),
+            strict=self.data.strict,
+        )
+        loader = make_loader(
+            dataset,
+            range(len(dataset)),
+            num_workers=num_workers(self.data, source),
+            prefetch=self.data.prefetch,
+            timeout_s=self.data.worker_timeout_s,
+        )
+        size, channels = self.info.preprocess.size, self.info.in_chans
+        for batch in loader:
+            yield to_model_input(batch["images"], size, channels), batch["labels"]
+
+    def images(self, source: ImageSource | None = None, limit: int | None = None) -> ImageDataset:
+        """Up to ``limit`` prepared uint8 images (``size x size``) in memory, for reports; the
+        first ones of the seeded evaluation order, so a class-sorted folder gives every class."""
+        source = self.splits.test if source is None else source
+        indices = eval_indices(len(source), self.seed)[:limit]
+        batch = read_batch(
+            source, indices, indices, (self.seed, 0), eval_transform(source, self.info), False
+        )
+        if "error" in batch:
+            raise DatasetError(batch["error"])
+        images = batch["images"].numpy()
+        if images.shape[1] != self.info.preprocess.size:  # in-memory data, resized on the device
+            x = to_model_input(images, self.info.preprocess.size, images.shape[-1])
+            images = ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+            images = images.numpy()
+        return ImageDataset(images, batch["labels"].numpy(), list(source.class_names))
 
 
 def open_for_eval(
-    source: str | os.PathLike, options: EvalOptions | None = None, **model_overrides: Any
+    source: str | os.PathLike,
+    options: EvalOptions | None = None,
+    *,
+    classifier: bool = True,
+    **model_overrides: Any,
 ) -> EvalInputs:
-    """The model at ``source``, its evaluation split (prepared) and the batch size to use."""
+    """The model at ``source``, its evaluation data and the batch size to use.
+
+    ``classifier``: the model's logits are scored against the labels, so the dataset may not
+    have more classes than the model (False for probes on frozen features).
+    """
     options = options or EvalOptions()
     model, info = open_model(source, options, **model_overrides)
+    return with_data(model, info, options, classifier=classifier)
+
+
+def with_data(
+    model: nn.Module, info: ModelInfo, options: EvalOptions, *, classifier: bool = True
+) -> EvalInputs:
+    """An opened model with the evaluation data ``options`` name (see :func:`open_for_eval`)."""
+    source = info.source
     if info.experiment is not None and info.experiment.text is not None:
         raise ValueError(
             f"'{source}' is an image-text (LIMoE) model, not a classifier; evaluate it with "
@@ -182,21 +244,20 @@ def open_for_eval(
         )
     data = eval_data_config(info, options)
     splits = load_splits(data)
-    if splits.test.num_classes > info.num_classes:
+    if classifier and splits.test.num_classes > info.num_classes:
         raise ValueError(
             f"dataset '{data.path or data.kind}' has {splits.test.num_classes} classes but the "
             f"model '{source}' predicts {info.num_classes}"
         )
-    batch_size = options.batch_size or (
-        info.experiment.train.eval_batch_size if info.experiment else DEFAULT_EVAL_BATCH_SIZE
-    )
+    experiment = info.experiment
     return EvalInputs(
         model=model,
         info=info,
         data=data,
         splits=splits,
-        test=prepare_split(splits.test, info),
-        batch_size=batch_size,
+        batch_size=options.batch_size
+        or (experiment.train.eval_batch_size if experiment else DEFAULT_EVAL_BATCH_SIZE),
+        seed=experiment.train.seed if experiment else 0,
     )
 
 

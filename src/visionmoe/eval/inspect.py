@@ -5,8 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from visionmoe.eval.inputs import EvalOptions, default_out_dir, eval_data_config, open_model
-from visionmoe.train.inputs import load_splits
+from visionmoe.eval.inputs import EvalOptions, default_out_dir, open_model, with_data
 
 if TYPE_CHECKING:
     from torch import nn
@@ -39,16 +38,17 @@ def inspect_run(
     model, info = open_model(run, options)
     if info.experiment is not None and info.experiment.text is not None:
         return _inspect_limoe(run, model, info.experiment, out, max_images)
-    test = load_splits(eval_data_config(info, options)).test
+    inputs = with_data(model, info, options)
     return inspect_model(
         model,
-        test,
+        inputs.images(limit=max_images),
         info.preprocess.size,
         info.in_chans,
         out,
         num_examples=num_examples,
         capacity_factors=tuple(capacity_factors),
         max_images=max_images,
+        batch_size=inputs.batch_size,
         title=f"Routing report: {info.experiment.name if info.experiment else Path(run).name}",
         progress=progress,
     )

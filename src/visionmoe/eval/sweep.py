@@ -7,9 +7,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from visionmoe.eval.classify import evaluate
+from visionmoe.eval.classify import evaluate_batches
 from visionmoe.eval.inputs import EvalOptions, default_out_dir, describe, open_for_eval
 from visionmoe.models.routing_control import set_routing
 
@@ -30,8 +29,9 @@ def sweep_run(
 
     Which tokens compete for an expert depends on how the test set is cut into routing groups,
     so vanilla routing (position order) in particular varies with the order of the test
-    examples; ``orders > 1`` averages the dataset order and ``orders - 1`` seeded random
-    orderings. Writes ``sweep.json``, ``sweep.md`` and ``sweep.png`` to ``out_dir`` (default
+    examples; ``orders > 1`` averages ``orders`` seeded orders (the evaluation order of seeds
+    ``seed .. seed + orders - 1``, ``seed`` being the run's).
+    Writes ``sweep.json``, ``sweep.md`` and ``sweep.png`` to ``out_dir`` (default
     ``RUN/sweep``, or ``PREFIX_sweep`` beside a vmoe checkpoint) and returns the results.
     ``compute_frac`` is the fraction of token-expert assignments processed.
     """
@@ -43,21 +43,18 @@ def sweep_run(
     if batch_size is not None:
         options = replace(options, batch_size=batch_size)
     inputs = open_for_eval(run, options)
-    model, test = inputs.model, inputs.test
+    model = inputs.model
     if not any(
         hasattr(m.router, "bpr_score") for _, m in model.moe_blocks.items() if hasattr(m, "router")
     ):
         raise ValueError(f"model '{run}' has no token-choice MoE layers; nothing to sweep")
-    perms = [torch.arange(len(test.y))] + [
-        torch.from_numpy(np.random.default_rng(r).permutation(len(test.y)))
-        for r in range(1, orders)
-    ]
+    seeds = [inputs.seed + r for r in range(orders)]
     rows = []
     for cf in sorted(capacity_factors):
         row = {"capacity_factor": cf}
         for label, bpr in (("vanilla", False), ("bpr", True)):
             set_routing(model, capacity_factor=cf, batch_priority=bpr)
-            results = [evaluate(model, test.x[p], test.y[p], inputs.batch_size) for p in perms]
+            results = [evaluate_batches(model, inputs.batches(seed=seed)) for seed in seeds]
             row[f"{label}_accuracy"] = float(np.mean([r["accuracy"] for r in results]))
             row[f"{label}_compute_frac"] = float(np.mean([r["compute_frac"] for r in results]))
         rows.append(row)
@@ -68,7 +65,7 @@ def sweep_run(
         **describe(inputs.info),
         "dataset": inputs.splits.name,
         "orders": orders,
-        "num_examples": len(test.y),
+        "num_examples": results[0]["num_examples"],
         "rows": rows,
     }
     (out / "sweep.json").write_text(json.dumps(result, indent=2))

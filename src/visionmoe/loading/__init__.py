@@ -8,6 +8,7 @@ through it.
 """
 
 from visionmoe.loading.record import (
+    PREPROCESS_PIPELINES,
     SOURCE_KINDS,
     EvalPreprocess,
     LoadedModel,
@@ -25,6 +26,7 @@ from visionmoe.loading.sources import (
 
 __all__ = [
     "ACCEPTED_SOURCES",
+    "PREPROCESS_PIPELINES",
     "SOURCE_KINDS",
     "EvalPreprocess",
     "LoadedModel",

@@ -15,6 +15,7 @@ from visionmoe.train.config import ExperimentConfig
 # meta.json), a save_pretrained folder (config.json + model.safetensors) or an official vmoe
 # checkpoint prefix (PREFIX.index + PREFIX.data-*).
 SOURCE_KINDS = ("run", "checkpoint", "pretrained", "vmoe")
+PREPROCESS_PIPELINES = ("vmoe", "training")
 
 # vmoe's evaluation pipelines (PIPELINE.md section 1): 224-px models read
 # resize_small(256) | central_crop(224); models fine-tuned at S read resize(S), no crop.
@@ -27,12 +28,16 @@ class EvalPreprocess:
     """How an evaluation image becomes a ``size`` x ``size`` model input (before [-1, 1]).
 
     ``resize_small=None``: square bilinear ``resize(size)``. ``resize_small=R``: resize so the
-    shorter side is R (aspect ratio kept), then ``central_crop(size)``. The ops themselves are
-    ``visionmoe.data.ops`` (``eval_ops(size, resize_small)``).
+    shorter side is R (aspect ratio kept), then ``central_crop(size)``. ``pipeline="vmoe"`` runs
+    vmoe's ops (``visionmoe.data.ops.eval_ops``: TF-style bilinear without antialiasing, area
+    averaging for ``resize_small``); ``pipeline="training"`` resizes exactly as this library's
+    training loop does (antialiased bilinear), so a run is evaluated on the inputs it was trained
+    on; it allows no ``resize_small``.
     """
 
     size: int
     resize_small: int | None = None
+    pipeline: str = "vmoe"
 
     def __post_init__(self) -> None:
         if not (isinstance(self.size, int) and self.size > 0):
@@ -44,8 +49,19 @@ class EvalPreprocess:
                 f"preprocess.resize_small must be None or an integer >= preprocess.size "
                 f"({self.size}), got {self.resize_small!r}"
             )
+        if self.pipeline not in PREPROCESS_PIPELINES:
+            raise ValueError(
+                f"preprocess.pipeline must be one of {PREPROCESS_PIPELINES}, got {self.pipeline!r}"
+            )
+        if self.pipeline == "training" and self.resize_small is not None:
+            raise ValueError(
+                "preprocess.resize_small needs preprocess.pipeline=vmoe (the training pipeline "
+                f"only resizes), got resize_small={self.resize_small}"
+            )
 
     def describe(self) -> str:
+        if self.pipeline == "training":
+            return f"resize({self.size}) as in training"
         if self.resize_small is None:
             return f"resize({self.size})"
         return f"resize_small({self.resize_small}) | central_crop({self.size})"

@@ -109,7 +109,7 @@ def _open_checkpoint(source, kind: str, overrides: dict[str, Any]) -> tuple[nn.M
         "model_config": config.model,
         "class_names": _class_names(names, config.model.num_classes),
         # Runs trained on square-resized images; evaluate them the same way.
-        "preprocess": EvalPreprocess(size=config.model.image_size),
+        "preprocess": EvalPreprocess(size=config.model.image_size, pipeline="training"),
         "checkpoint": ckpt["path"],
         "step": ckpt["meta"].get("step"),
     }
