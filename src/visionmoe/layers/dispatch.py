@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from visionmoe.layers.experts import Experts
+from visionmoe.layers.experts import Experts, compute_dtype
 from visionmoe.routing.plan import RoutingPlan
 
 DISPATCH_MODES = ("auto", "static", "compact")
@@ -40,11 +40,11 @@ def dispatch_static(x_TD: Tensor, plan: RoutingPlan, experts: Experts) -> Tensor
     # Empty slots point at a zero row appended after the T real tokens.
     row_of_slot = torch.full((E * C + 1,), T, dtype=torch.long, device=x_TD.device)
     row_of_slot = row_of_slot.scatter(0, target_A, plan.token_idx)[: E * C]
-    x_padded = torch.cat([x_TD, x_TD.new_zeros(1, x_TD.shape[-1])])
+    x_low = x_TD.to(compute_dtype(x_TD))  # cast T rows once, before the gather copies them
+    x_padded = torch.cat([x_low, x_low.new_zeros(1, x_low.shape[-1])])
     out_ECD = experts(x_padded.index_select(0, row_of_slot).view(E, C, -1))
     out_AD = out_ECD.reshape(E * C, -1).index_select(0, buffer_A)
-    weighted = out_AD * plan.weight.to(out_AD.dtype).unsqueeze(-1)
-    return x_TD.new_zeros(T, x_TD.shape[-1]).index_add_(0, plan.token_idx, weighted.to(x_TD.dtype))
+    return _combine(x_TD, out_AD, plan.weight, plan.token_idx, T)
 
 
 def dispatch_compact(x_TD: Tensor, plan: RoutingPlan, experts: Experts) -> Tensor:
@@ -54,10 +54,15 @@ def dispatch_compact(x_TD: Tensor, plan: RoutingPlan, experts: Experts) -> Tenso
     kept_N = kept_N.index_select(0, order)
     counts = torch.bincount(expert_N, minlength=plan.num_experts).tolist()
     token_N = plan.token_idx.index_select(0, kept_N)
-    out_ND = experts.forward_chunks(x_TD.index_select(0, token_N), counts)
-    weighted = out_ND * plan.weight.index_select(0, kept_N).to(out_ND.dtype).unsqueeze(-1)
-    y_TD = x_TD.new_zeros(plan.num_tokens, x_TD.shape[-1])
-    return y_TD.index_add_(0, token_N, weighted.to(x_TD.dtype))
+    x_low = x_TD.to(compute_dtype(x_TD))  # cast T rows once, before the gather copies them
+    out_ND = experts.forward_chunks(x_low.index_select(0, token_N), counts)
+    return _combine(x_TD, out_ND, plan.weight.index_select(0, kept_N), token_N, plan.num_tokens)
+
+
+def _combine(x_TD: Tensor, out_ND: Tensor, weight_N: Tensor, token_N: Tensor, T: int) -> Tensor:
+    """``y[t] = sum of weight * out`` over the rows of token t, in the dtype of ``x_TD``."""
+    weighted = out_ND.to(x_TD.dtype) * weight_N.to(x_TD.dtype).unsqueeze(-1)
+    return x_TD.new_zeros(T, x_TD.shape[-1]).index_add_(0, token_N, weighted)
 
 
 def dispatch(x_TD: Tensor, plan: RoutingPlan, experts: Experts, mode: str = "auto") -> Tensor:

@@ -13,6 +13,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from visionmoe.layers.grouped import grouped_mlp
 from visionmoe.layers.mlp import GELU_VARIANTS, gelu
 
 EXPERT_INITS = ("shared", "independent")
@@ -46,6 +47,8 @@ class Experts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
         self.b2 = nn.Parameter(torch.empty(num_experts, dim))
         self.drop = nn.Dropout(dropout)
+        self.cache_casts = True
+        self._cast_cache: tuple | None = None
         self.reset_parameters(expert_init)
 
     def reset_parameters(self, expert_init: str = "shared") -> None:
@@ -61,23 +64,47 @@ class Experts(nn.Module):
                 for p in (self.w1, self.b1, self.w2, self.b2):
                     p.copy_(p[:1].expand_as(p))
 
+    def weights(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(w1, b1, w2, b2)`` in ``dtype``; gradients flow back to the parameters.
+
+        A cast to a lower precision (bf16 autocast) is cached while the parameters are unchanged
+        (same storage, same version counter; an optimizer step or ``load_state_dict`` bumps the
+        version), so inference and gradient-accumulation micro-steps cast E x D x F x 2 weights
+        once instead of on every forward. The copy stays alive between calls (half the bytes of
+        the fp32 weights); set ``cache_casts = False`` to cast on every call instead. Under
+        ``torch.compile`` the cast is a plain ``.to`` that the compiler fuses.
+        """
+        params = (self.w1, self.b1, self.w2, self.b2)
+        if dtype == self.w1.dtype:
+            return params
+        if torch.compiler.is_compiling() or not self.cache_casts:
+            return tuple(p.to(dtype) for p in params)
+        key = (dtype, tuple((p.data_ptr(), p._version) for p in params))
+        cached = self._cast_cache
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                cached = (key, tuple(p.detach().to(dtype) for p in params))
+            self._cast_cache = cached
+        return tuple(_CachedCast.apply(p, low) for p, low in zip(params, cached[1], strict=True))
+
     def forward(self, x_ECD: Tensor) -> Tensor:
-        """All experts on fixed-size buffers: one batched matmul per layer."""
-        h_ECF = torch.baddbmm(self.b1.unsqueeze(1).to(x_ECD.dtype), x_ECD, self.w1.to(x_ECD.dtype))
+        """All experts on fixed-size buffers: one batched matmul per layer, in the compute dtype."""
+        dtype = compute_dtype(x_ECD)
+        x_ECD = x_ECD.to(dtype)
+        w1, b1, w2, b2 = self.weights(dtype)
+        h_ECF = torch.baddbmm(b1.unsqueeze(1), x_ECD, w1)
         h_ECF = self.drop(gelu(h_ECF, self.gelu_variant))
-        out = torch.baddbmm(self.b2.unsqueeze(1).to(x_ECD.dtype), h_ECF, self.w2.to(x_ECD.dtype))
-        return self.drop(out)
+        return self.drop(torch.baddbmm(b2.unsqueeze(1), h_ECF, w2))
 
     def forward_chunks(self, x_ND: Tensor, counts: list[int]) -> Tensor:
-        """Rows sorted by expert, ``counts[e]`` rows for expert e: one GEMM per non-empty expert."""
-        device = x_ND.device.type
-        autocast = torch.is_autocast_enabled(device)
-        dtype = torch.get_autocast_dtype(device) if autocast else x_ND.dtype
+        """Rows sorted by expert, ``counts[e]`` rows for expert e: grouped GEMMs in the compute
+        dtype (see :mod:`visionmoe.layers.grouped`); the output has the compute dtype."""
+        dtype = compute_dtype(x_ND)
         x_ND = x_ND.to(dtype)
-        w1, b1, w2, b2 = (p.to(dtype) for p in (self.w1, self.b1, self.w2, self.b2))
+        w1, b1, w2, b2 = self.weights(dtype)
         if self.drop.p == 0 or not self.training:
-            with torch.autocast(device_type=device, enabled=False):
-                return _GroupedMlp.apply(x_ND, w1, b1, w2, b2, counts, self.gelu_variant)
+            with torch.autocast(device_type=x_ND.device.type, enabled=False):
+                return grouped_mlp(x_ND, w1, b1, w2, b2, counts, self.gelu_variant)
         outs = []
         # unbind, not w[e]: the backward of E selects would zero-fill E full-size gradients.
         w1s, b1s, w2s, b2s = (p.unbind(0) for p in (w1, b1, w2, b2))
@@ -88,62 +115,22 @@ class Experts(nn.Module):
         return self.drop(torch.cat(outs)) if outs else x_ND.new_zeros(0, x_ND.shape[-1])
 
 
-def _gelu_mode(variant: str) -> str:
-    return "tanh" if variant == "tanh" else "none"
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype expert GEMMs run in: the autocast dtype when autocast is on, else ``x.dtype``."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
 
 
-class _GroupedMlp(torch.autograd.Function):
-    """Per-expert MLPs on expert-sorted rows, written into preallocated outputs.
-
-    Autograd through E separate GEMMs would concatenate outputs and zero-fill or stack E
-    full-size weight gradients; here each expert's results land directly in slices of one output
-    and one gradient tensor per weight. Saved activations match a dense MLP's (input, GELU
-    input and output).
-    """
+class _CachedCast(torch.autograd.Function):
+    """Forward: an already cast copy of a parameter. Backward: the gradient in its dtype."""
 
     @staticmethod
-    def forward(ctx, x_ND, w1_EDF, b1_EF, w2_EFD, b2_ED, counts, variant):
-        N, F_ = x_ND.shape[0], w1_EDF.shape[-1]
-        mode = _gelu_mode(variant)
-        pre_NF = x_ND.new_empty(N, F_)
-        act_NF = x_ND.new_empty(N, F_)
-        out_ND = x_ND.new_empty(N, w2_EFD.shape[-1])
-        start = 0
-        for e, count in enumerate(counts):
-            if count:
-                rows = slice(start, start + count)
-                torch.addmm(b1_EF[e], x_ND[rows], w1_EDF[e], out=pre_NF[rows])
-                act = torch.nn.functional.gelu(pre_NF[rows], approximate=mode, out=act_NF[rows])
-                torch.addmm(b2_ED[e], act, w2_EFD[e], out=out_ND[rows])
-                start += count
-        ctx.save_for_backward(x_ND, w1_EDF, w2_EFD, pre_NF, act_NF)
-        ctx.counts, ctx.mode = counts, mode
-        return out_ND
+    def forward(ctx, param: Tensor, low: Tensor) -> Tensor:
+        ctx.param_dtype = param.dtype
+        return low.view_as(low)
 
     @staticmethod
-    def backward(ctx, grad_ND):
-        x_ND, w1_EDF, w2_EFD, pre_NF, act_NF = ctx.saved_tensors
-        grad_ND = grad_ND.contiguous()
-        # Every row is written below; only experts that received no rows need zero gradients.
-        gx = torch.empty_like(x_ND) if ctx.needs_input_grad[0] else None
-        gw1, gw2 = torch.empty_like(w1_EDF), torch.empty_like(w2_EFD)
-        gb1 = w1_EDF.new_empty(w1_EDF.shape[0], w1_EDF.shape[2])
-        gb2 = w2_EFD.new_empty(w2_EFD.shape[0], w2_EFD.shape[2])
-        start = 0
-        for e, count in enumerate(ctx.counts):
-            if not count:
-                for grad in (gw1, gw2, gb1, gb2):
-                    grad[e].zero_()
-                continue
-            rows = slice(start, start + count)
-            start += count
-            g = grad_ND[rows]
-            pre = pre_NF[rows]
-            torch.mm(act_NF[rows].t(), g, out=gw2[e])
-            torch.sum(g, dim=0, out=gb2[e])
-            g_pre = torch.ops.aten.gelu_backward(g @ w2_EFD[e].t(), pre, approximate=ctx.mode)
-            torch.mm(x_ND[rows].t(), g_pre, out=gw1[e])
-            torch.sum(g_pre, dim=0, out=gb1[e])
-            if gx is not None:
-                torch.mm(g_pre, w1_EDF[e].t(), out=gx[rows])
-        return gx, gw1, gb1, gw2, gb2, None, None
+    def backward(ctx, grad: Tensor):
+        return grad.to(ctx.param_dtype), None
