@@ -30,16 +30,20 @@ def classification_loss(
 ) -> torch.Tensor:
     """Softmax cross-entropy, or sigmoid BCE summed over classes (V-MoE upstream).
 
+    ``labels`` are class indices ``(B,)`` or soft targets ``(B, C)`` (mixup), used as given.
     E^3 member logits ``(B, M, C)`` are trained as M models: the loss is averaged over B*M
     predictions against the repeated labels.
     """
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 up, f64 kept
+    soft = labels.ndim == 2
     if logits.ndim == 3:
-        labels = labels.repeat_interleave(logits.shape[1])
+        labels = labels.repeat_interleave(logits.shape[1], dim=0)
         logits = logits.reshape(-1, logits.shape[-1])
     if kind == "softmax":
-        return F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
-    target = F.one_hot(labels, logits.shape[-1]).to(logits.dtype)
+        target = labels.to(logits.dtype) if soft else labels
+        return F.cross_entropy(logits, target, label_smoothing=label_smoothing)
+    target = labels if soft else F.one_hot(labels, logits.shape[-1])
+    target = target.to(logits.dtype)
     return F.binary_cross_entropy_with_logits(logits, target, reduction="sum") / len(labels)
 
 
@@ -90,7 +94,9 @@ def train_step_device(
         loss = task + aux.loss
         (loss / accum if accum > 1 else loss).backward()
         with torch.no_grad():
-            hits = (predictions(logits) == y_micro).float().mean()
+            # Soft (mixed) targets count their largest component as the label.
+            hard = y_micro.argmax(-1) if y_micro.ndim == 2 else y_micro
+            hits = (predictions(logits) == hard).float().mean()
             step_metrics = {
                 "train/loss": loss.detach(),
                 "train/task_loss": task.detach(),

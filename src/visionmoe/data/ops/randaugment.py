@@ -132,6 +132,8 @@ def apply_op(image: torch.Tensor, layer: Layer, config: RandAugment) -> torch.Te
         threshold = int(256 * level)
         if config.solarize_wraps:
             threshold %= 256
+        if threshold > 255:  # compare before torch would cast the threshold to uint8
+            return image
         return torch.where(image < threshold, image, 255 - image)
     if op == "SolarizeAdd":
         added = (image.to(torch.int32) + int(110 * level)).clamp_(0, 255).to(torch.uint8)
