@@ -88,9 +88,10 @@ def test_resume_on_another_world_size_sees_the_same_global_batches():
         assert global_ids == [int(i) for i in reference_global_batch(step)]
 
 
-def noisy(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def noisy(image: np.ndarray, generator: torch.Generator) -> np.ndarray:
     """A per-sample transform whose output shows the random stream it was given."""
-    return np.concatenate([image, rng.integers(0, 256, (1, 2, 1), dtype=np.uint8)], axis=2)
+    noise = torch.randint(0, 256, (1, 2, 1), generator=generator, dtype=torch.uint8).numpy()
+    return np.concatenate([image, noise], axis=2)
 
 
 def test_per_sample_randomness_depends_on_seed_step_and_position_only():
@@ -100,8 +101,10 @@ def test_per_sample_randomness_depends_on_seed_step_and_position_only():
     noise = torch.cat([b["images"][..., 1] for b in two_ranks])
     torch.testing.assert_close(noise, one_rank["images"][..., 1], rtol=0, atol=0)
     for position in (0, 5):
-        drawn = np.random.default_rng((SEED, step, position)).integers(0, 256, (1, 2, 1), np.uint8)
-        drawn = drawn[..., 0]
+        # The documented seed: SeedSequence((seed, step, position)) -> one uint64.
+        seed64 = int(np.random.SeedSequence((SEED, step, position)).generate_state(1, np.uint64)[0])
+        generator = torch.Generator().manual_seed(seed64)
+        drawn = torch.randint(0, 256, (1, 2, 1), generator=generator, dtype=torch.uint8)[..., 0]
         np.testing.assert_array_equal(one_rank["images"][position, ..., 1].numpy(), drawn)
     again = read(1, range(step, step + 1), transform=noisy)[0][0]
     torch.testing.assert_close(again["images"], one_rank["images"], rtol=0, atol=0)
@@ -167,3 +170,15 @@ def test_strict_loading_stops_with_one_line_naming_the_file(tmp_path: Path, work
     with pytest.raises(DatasetError, match="2.png") as excinfo:
         list(loader)
     assert "\n" not in str(excinfo.value) and "strict" in str(excinfo.value)
+
+
+def test_ops_transform_gets_the_encoded_file_and_corrupt_files_are_skipped(tmp_path: Path):
+    from visionmoe.data.ops import InceptionCrop, Transform
+
+    files = write_files(tmp_path)
+    crop = Transform(ops=(InceptionCrop(size=2),))
+    (batch,) = make_loader(EvalBatches(files, 4, SEED, transform=crop), range(1))
+    assert tuple(batch["images"].shape) == (3, 2, 2, 3)
+    # Flat images: any crop of image i holds only its value 10 * i.
+    assert sorted(batch["images"][:, 0, 0, 0].tolist()) == [0, 10, 30]
+    assert len(batch["skipped"]) == 1 and "2.png" in batch["skipped"][0]

@@ -58,7 +58,9 @@ class ImageSource(Protocol):
     ``labels`` is an int64 array of length ``len(source)``; ``read(i)`` returns image ``i`` as a
     uint8 ``(H, W, C)`` array with C in {1, 3} (sizes may differ between samples) or raises
     :class:`CorruptImageError` naming the file.  Implementations must be picklable, because
-    ``torch.utils.data.DataLoader`` worker processes receive a copy.
+    ``torch.utils.data.DataLoader`` worker processes receive a copy.  File-backed sources also
+    offer ``encoded(i)`` (the undecoded bytes or path, for transforms that decode only a crop) and
+    ``describe(i)`` (the file named in error messages).
     """
 
     labels: np.ndarray

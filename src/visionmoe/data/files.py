@@ -81,6 +81,13 @@ class ImageFiles:
         """Full path of sample ``index``."""
         return os.path.join(self.root, os.fsdecode(bytes(self.files[index])))
 
+    def describe(self, index: int) -> str:
+        return self.path(index)
+
+    def encoded(self, index: int) -> str:
+        """The still-encoded sample (its path), for transforms that decode it themselves."""
+        return self.path(index)
+
     def read(self, index: int) -> np.ndarray:
         file = self.path(index)
         return decode_image(file, self.mode, file)

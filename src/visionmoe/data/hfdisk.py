@@ -75,12 +75,17 @@ class HFImages:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
-    def read(self, index: int) -> np.ndarray:
+    def describe(self, index: int) -> str:
         cell = self.images[int(index)][self.image_column]
-        name = f"#{index} ({cell.get('path') or 'embedded bytes'})"
-        if cell.get("bytes") is not None:
-            return decode_image(cell["bytes"], self.mode, name)
-        return decode_image(cell["path"], self.mode, name)
+        return f"#{index} ({cell.get('path') or 'embedded bytes'})"
+
+    def encoded(self, index: int) -> bytes | str:
+        """The image's stored bytes (or its file path when only a path is stored)."""
+        cell = self.images[int(index)][self.image_column]
+        return cell["bytes"] if cell.get("bytes") is not None else cell["path"]
+
+    def read(self, index: int) -> np.ndarray:
+        return decode_image(self.encoded(index), self.mode, self.describe(index))
 
 
 def load_hf_disk(path: str | os.PathLike[str]) -> DatasetSplits:

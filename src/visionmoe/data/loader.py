@@ -5,10 +5,13 @@ Training: item ``s`` of :class:`StepBatches` is this rank's share of the global 
 content depends on ``(seed, s, rank, world_size)`` alone.  Evaluation: item ``b`` of
 :class:`EvalBatches` is the ``b``-th batch of this rank's block of a fixed seeded permutation.
 
-Each sample goes through ``transform(image_HWC_uint8, rng) -> image_HWC_uint8`` with
-``rng = numpy.random.default_rng((seed, step, position))`` (``position`` in the global batch), so
-augmentation too is the same whichever rank reads the sample.  Batches stay uint8 (pinned when
-asked) and are normalised on the device (:func:`visionmoe.data.to_model_input`).
+Each sample goes through ``transform(image_HWC_uint8, generator) -> image_HWC_uint8`` (numpy array
+or tensor) with a ``torch.Generator`` seeded by :func:`sample_seed` of ``(seed, step, position)``
+(``position`` in the global batch), so augmentation too is the same whichever rank reads the
+sample.  A :class:`visionmoe.data.ops.Transform` receives the encoded sample instead (file path or
+bytes, from ``source.encoded(i)`` where the source has it), so it can decode only the crop.
+Batches stay uint8 (pinned when asked) and are normalised on the device
+(:func:`visionmoe.data.to_model_input`).
 
 A sample that fails to decode is left out of its batch and reported in ``batch["skipped"]``;
 with ``strict=True`` the batch comes back with ``batch["error"]`` naming the file instead.
@@ -27,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .batching import BatchIterator, eval_indices
 from .core import CorruptImageError, DatasetError, ImageSource
+from .ops.pipeline import Transform
 
 __all__ = [
     "EVAL_STREAM",
@@ -35,10 +39,43 @@ __all__ = [
     "StepBatches",
     "make_loader",
     "read_batch",
+    "sample_seed",
 ]
 
-SampleTransform = Callable[[np.ndarray, np.random.Generator], np.ndarray]
+SampleTransform = Callable[[Any, torch.Generator], "np.ndarray | torch.Tensor"]
 EVAL_STREAM = 2**31  # the rng "step" for evaluation samples; no training step reaches it
+
+
+def sample_seed(key: tuple[int, ...]) -> int:
+    """64-bit seed of one sample's generator: ``SeedSequence(key).generate_state(1, uint64)[0]``.
+
+    Hashing the whole key through numpy's ``SeedSequence`` keeps nearby keys (consecutive steps
+    or positions) statistically independent, unlike adding them into one integer.
+    """
+    return int(np.random.SeedSequence(key).generate_state(1, np.uint64)[0])
+
+
+def _describe(source: ImageSource, index: int) -> str:
+    describe = getattr(source, "describe", None)
+    return describe(index) if describe is not None else f"sample {index}"
+
+
+def _load(source: ImageSource, index: int, key: tuple[int, ...], transform) -> Any:
+    """Read (and transform) one sample; decoding failures become :class:`CorruptImageError`."""
+    if transform is None:
+        return source.read(index)
+    generator = torch.Generator().manual_seed(sample_seed(key))
+    if not (isinstance(transform, Transform) and hasattr(source, "encoded")):
+        return transform(source.read(index), generator)
+    from PIL import Image
+
+    try:
+        return transform(source.encoded(index), generator)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        problem = " ".join(f"{type(exc).__name__}: {exc}".split())
+        raise CorruptImageError(
+            f"cannot decode image {_describe(source, index)} ({problem})"
+        ) from exc
 
 
 def read_batch(
@@ -57,15 +94,13 @@ def read_batch(
     images, kept, skipped = [], [], []
     for index, position in zip(indices.tolist(), positions.tolist(), strict=True):
         try:
-            image = source.read(index)
+            image = _load(source, index, (*rng_key, position), transform)
         except CorruptImageError as err:
             if strict:
                 return {"error": f"{err} (strict data loading; set data.strict=false to skip)"}
             skipped.append(str(err))
             continue
-        if transform is not None:
-            image = transform(image, np.random.default_rng((*rng_key, position)))
-        images.append(image)
+        images.append(np.asarray(image))
         kept.append((index, position))
     if not images:
         return {"error": f"every image of a batch failed to decode, e.g. {skipped[0]}"}

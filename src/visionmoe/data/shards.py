@@ -114,12 +114,17 @@ class TarShards:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
-    def read(self, index: int) -> np.ndarray:
-        shard = self.shards[int(self.shard_ids[index])]
-        with open(shard, "rb") as handle:
+    def describe(self, index: int) -> str:
+        return f"#{index} of {self.shards[int(self.shard_ids[index])]}"
+
+    def encoded(self, index: int) -> bytes:
+        """The image's encoded bytes, read with one seek into its shard."""
+        with open(self.shards[int(self.shard_ids[index])], "rb") as handle:
             handle.seek(int(self.offsets[index]))
-            data = handle.read(int(self.sizes[index]))
-        return decode_image(data, self.mode, f"#{index} of {shard}")
+            return handle.read(int(self.sizes[index]))
+
+    def read(self, index: int) -> np.ndarray:
+        return decode_image(self.encoded(index), self.mode, self.describe(index))
 
 
 def _shards_in(directory: Path, split: str) -> list[Path]:

@@ -97,7 +97,7 @@ class ResizeTo:
     def __init__(self, size: int) -> None:
         self.size = size
 
-    def __call__(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    def __call__(self, image: np.ndarray, generator: torch.Generator) -> np.ndarray:
         from PIL import Image
 
         if image.shape[:2] == (self.size, self.size):
