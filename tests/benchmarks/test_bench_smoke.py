@@ -1,25 +1,20 @@
 """Smoke tests of the benchmark harness on tiny shapes: structure only, no timing assertions.
 
-The benchmark package lives at the repository root (not under ``src``), so the root is put on
-``sys.path`` when it is not importable already (pytest runs with ``--import-mode=importlib``).
+The benchmark package lives at the repository root (not under ``src``); pytest's ``pythonpath``
+setting in ``pyproject.toml`` makes it importable.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from benchmarks import report, run, timing, update_readme  # noqa: E402
-from benchmarks.timing import BenchConfig  # noqa: E402
+from benchmarks import report, run, timing, update_readme
+from benchmarks.timing import BenchConfig
 
 NO_PEERS = ["layer", "bpr", "gemm", "memory", "model", "compile"]
 
