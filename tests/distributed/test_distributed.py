@@ -213,6 +213,8 @@ def test_refuses_layouts_before_any_work(launcher, tmp_path):
         check_layout(config, 3, None)
     with pytest.raises(ValueError, match="expert parallelism 3 must divide the world size 4"):
         check_layout(config, 4, 3)
+    with pytest.raises(ValueError, match=r"grad_accum=16 must divide .* \(64 / 8 = 8 images\)"):
+        check_layout(apply_set(config, ["train.grad_accum=16"]), 8, None)
     notes = check_layout(apply_set(config, ["model.group_images=16"]), 8, None)
     assert notes and "routing differs" in notes[0]
     # The entry point refuses before joining the group: a lone rank of 3 exits at once.

@@ -6,11 +6,12 @@ from __future__ import annotations
 import json
 import struct
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from visionmoe.distributed.evaluate import shard_bounds
+from visionmoe.distributed.evaluate import shard_rows
 from visionmoe.distributed.export import write_safetensors_streamed
 from visionmoe.distributed.groups import DEFAULT_TIMEOUT_S
 from visionmoe.distributed.train import parse_args, wants_merged
@@ -70,15 +71,17 @@ def test_merged_checkpoint_default_depends_on_the_state_size():
 
 
 def test_evaluation_shards_cover_the_test_set_once():
-    # 10 examples over 4 ranks: ceil(10/4) = 3 rows each, the last rank 1 real row + 2 padding.
-    assert [shard_bounds(10, 4, r) for r in range(4)] == [
-        (0, 3, 3),
-        (3, 6, 3),
-        (6, 9, 3),
-        (9, 10, 3),
-    ]
-    # Fewer examples than ranks: the extra ranks hold only padding.
-    assert [shard_bounds(1, 2, r) for r in range(2)] == [(0, 1, 1), (1, 1, 1)]
+    # The seeded order of the data pipeline: permutation of default_rng((seed, 2**31)), cut at
+    # floor(r * n / W) = 0, 2, 5, 7, 10 for n = 10, W = 4; every rank pads to ceil(10/4) = 3.
+    order = np.random.default_rng((5, 2**31)).permutation(10)
+    shards = [shard_rows(10, 5, 4, r) for r in range(4)]
+    for (rows, real), (lo, hi) in zip(shards, [(0, 2), (2, 5), (5, 7), (7, 10)], strict=True):
+        assert real == hi - lo and len(rows) == 3
+        assert rows[:real].tolist() == order[lo:hi].tolist()
+        assert rows[real:].tolist() == [order[hi - 1]] * (3 - real)
+    # Fewer examples than ranks: a rank with an empty block runs padding only.
+    assert shard_rows(1, 0, 2, 0)[1] == 0 and shard_rows(1, 0, 2, 1)[1] == 1
+    assert shard_rows(1, 0, 2, 0)[0].tolist() == [0]
 
 
 def test_collective_timeout_default_is_generous():

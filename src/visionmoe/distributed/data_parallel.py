@@ -73,7 +73,7 @@ def wrap_data_parallel(model: nn.Module, groups: ParallelGroups, dense: str = "d
             model,
             device_ids=[groups.device] if on_cuda else None,
             process_group=dist.group.WORLD,
-            broadcast_buffers=False,  # buffers are constants here; evaluation needs no collective
+            forward_sync_buffers=False,  # buffers are constants here; evaluation needs none
             init_sync=False,  # broadcast_parameters already made the replicas equal
         )
     mesh = world_mesh(groups)

@@ -84,6 +84,12 @@ def check_layout(config: ExperimentConfig, world_size: int, expert_parallel: int
             f"train.batch_size={batch} must be divisible by the world size {world_size} "
             "(every rank takes an equal slice of each global batch)"
         )
+    accum = config.train.grad_accum
+    if (batch // world_size) % accum:
+        raise ValueError(
+            f"train.grad_accum={accum} must divide each rank's share of the batch "
+            f"({batch} / {world_size} = {batch // world_size} images)"
+        )
     n = world_size if expert_parallel is None else expert_parallel
     moe = config.model.moe if config.model.moe_layers else None
     check_expert_parallel(moe.num_experts if moe else n, n, world_size)
@@ -169,8 +175,10 @@ def _evaluate(
     log: MetricsLog | None,
     groups: ParallelGroups,
 ) -> dict:
-    batch = state.config.train.eval_batch_size
-    result = evaluate_sharded(unwrap(model), test.x, test.y, batch, groups)
+    train = state.config.train
+    result = evaluate_sharded(
+        unwrap(model), test.x, test.y, train.eval_batch_size, groups, train.seed, train.precision
+    )
     out = {f"eval/{name}/{k}": v for k, v in result.items()}
     if log is not None:
         log.write({"step": state.step, **out})
