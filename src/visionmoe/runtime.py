@@ -59,6 +59,14 @@ def configure_backends(device: torch.device) -> None:
         torch.backends.cudnn.allow_tf32 = True
 
 
+def place_model(model: torch.nn.Module, device: str | torch.device | None = None):
+    """Move ``model`` to ``device`` (resolved as :func:`resolve_device`) with TF32 on CUDA;
+    returns ``(model, device)``."""
+    resolved = resolve_device(device)
+    configure_backends(resolved)
+    return model.to(resolved), resolved
+
+
 def reset_peak_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
