@@ -137,6 +137,7 @@ def _parser() -> argparse.ArgumentParser:
         "checkpoint prefix",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_device(p)
 
     p = add(
         "eval",
@@ -255,6 +256,16 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_device(p: argparse.ArgumentParser) -> None:
+    """``--device`` and ``--precision``, on every command that runs a model."""
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
+    p.add_argument(
+        "--precision",
+        choices=["fp32", "bf16"],
+        help="fp32 (default) or bf16 autocast; routers stay float32",
+    )
+
+
 def _train(args: argparse.Namespace) -> int:
     from visionmoe.train.config import apply_set
     from visionmoe.train.run import run_training
@@ -263,11 +274,25 @@ def _train(args: argparse.Namespace) -> int:
     overrides = [item for group in args.overrides for item in group]
     if args.data:
         overrides.append(f"data.path={args.data}")
+    if args.precision:
+        overrides.append(f"train.precision={args.precision}")
     if args.resume:
         if overrides or args.init:
-            raise ValueError("--resume continues a run as configured; drop --set/--data/--init")
-        summary = run_training(resume=args.resume, progress=not args.no_progress)
+            raise ValueError(
+                "--resume continues a run as configured (only --device may change); drop "
+                "--set/--data/--init/--precision"
+            )
+        saved = Path(args.resume) / "config.json"
+        config = None
+        if args.device and saved.is_file():
+            from visionmoe.train.config import ExperimentConfig
+
+            config = ExperimentConfig.from_dict(json.loads(saved.read_text()))
+            config = apply_set(config, [f"train.device={args.device}"])
+        summary = run_training(config, resume=args.resume, progress=not args.no_progress)
     else:
+        if args.device:
+            overrides.append(f"train.device={args.device}")
         config = apply_set(initial_config(args.recipe, args.init), overrides)
         summary = run_training(
             config, run_dir=args.run_dir, init=args.init, progress=not args.no_progress
