@@ -13,6 +13,7 @@ from visionmoe.loading import build_model, detect_source, load_model
 from visionmoe.models.limoe import LIMoE
 from visionmoe.models.registry import apply_overrides
 from visionmoe.models.vit import VisionTransformer
+from visionmoe.runtime import resolve_device
 from visionmoe.train.checkpoint import (
     CheckpointError,
     atomic_write_text,
@@ -64,6 +65,7 @@ def run_training(
         raise ValueError("run_training needs a config or a run to resume")
     if init is not None:
         detect_source(init)  # an unopenable --init fails before anything is written
+    resolve_device(config.train.device)  # a CUDA device asked for without CUDA fails here
     # Load the data first: a bad dataset path fails before anything is written.
     splits = load_splits(config.data) if config.text is None else None
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(config.name)
