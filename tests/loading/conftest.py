@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
@@ -24,7 +26,9 @@ TINY_VMOE_SET = [
 ]
 
 
-def tiny_vmoe_tree(seed: int = 0, image: int = 8, classes: int = 3) -> dict:
+def tiny_vmoe_tree(
+    seed: int = 0, image: int = 8, classes: int = 3, members: int = 1, pre_logits: int | None = None
+) -> dict:
     """A random nested parameter tree named as the released checkpoints (CHECKPOINT_FORMAT.md)."""
     rng = np.random.default_rng(seed)
     t = TINY_VMOE
@@ -48,12 +52,14 @@ def tiny_vmoe_tree(seed: int = 0, image: int = 8, classes: int = 3) -> dict:
         attention["out"] = {"kernel": normal(heads, d // heads, d), "bias": normal(d)}
         block = {"LayerNorm_0": norm(), "LayerNorm_1": norm(), "SelfAttention": attention}
         if i in t["moe_layers"]:
+            # E^3 stores the router as (D, M, E/M): one slice per ensemble member.
+            router = normal(d, e, std=1.0) if members == 1 else normal(d, members, e // members)
             block["Moe"] = {
                 "Mlp": {
                     "Dense_0": {"kernel": normal(e, d, mlp), "bias": normal(e, mlp)},
                     "Dense_1": {"kernel": normal(e, mlp, d), "bias": normal(e, d)},
                 },
-                "Router": {"dense": {"kernel": normal(d, e, std=1.0)}},
+                "Router": {"dense": {"kernel": router}},
             }
         else:
             block["Mlp"] = {
@@ -61,12 +67,15 @@ def tiny_vmoe_tree(seed: int = 0, image: int = 8, classes: int = 3) -> dict:
                 "Dense_1": {"kernel": normal(mlp, d), "bias": normal(d)},
             }
         encoder[f"encoderblock_{i}"] = block
-    return {
+    tree = {
         "embedding": {"kernel": normal(p, p, 3, d), "bias": normal(d)},
         "cls": normal(1, 1, d),
         "Encoder": encoder,
-        "head": {"kernel": normal(d, classes), "bias": normal(classes)},
+        "head": {"kernel": normal(pre_logits or d, classes), "bias": normal(classes)},
     }
+    if pre_logits:
+        tree["pre_logits"] = {"kernel": normal(d, pre_logits), "bias": normal(pre_logits)}
+    return tree
 
 
 @pytest.fixture(autouse=True)
@@ -101,3 +110,11 @@ def write_image_folder(root, splits=("train", "val"), classes=3, per_class=4, si
 @pytest.fixture(scope="session")
 def imagenet_folder(tmp_path_factory):
     return write_image_folder(tmp_path_factory.mktemp("imagenet") / "data")
+
+
+@pytest.fixture(scope="session")
+def stand_ins():
+    """The helpers above, for tests (which cannot import this conftest by name)."""
+    return SimpleNamespace(
+        tree=tiny_vmoe_tree, image_folder=write_image_folder, model_set=list(TINY_VMOE_SET)
+    )
