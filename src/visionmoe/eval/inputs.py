@@ -138,29 +138,21 @@ def eval_data_config(info: ModelInfo, options: EvalOptions) -> DataConfig:
     )
 
 
-class VmoeEvalTransform:
-    """Per-sample loader transform: the ``visionmoe.data.ops`` evaluation ops of a preprocess."""
-
-    def __init__(self, preprocess: EvalPreprocess) -> None:
-        self.transform = Transform(ops=eval_ops(preprocess.size, preprocess.resize_small))
-
-    def __call__(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        return self.transform(image, torch.Generator()).numpy()  # deterministic ops: no draws
-
-
 def eval_transform(source: ImageSource, info: ModelInfo) -> SampleTransform | None:
     """How each sample of ``source`` is prepared for the model ``info`` describes."""
     pre = info.preprocess
     if pre.pipeline == "training":
         return training_transform(source, replace(info.model_config, image_size=pre.size))
-    return VmoeEvalTransform(pre)
+    return Transform(ops=eval_ops(pre.size, pre.resize_small))
 
 
 def prepare_image(image_HWC: np.ndarray, info: ModelInfo) -> torch.Tensor:
     """One uint8 image -> model input ``(1, C, S, S)`` with the model's preprocessing."""
-    if info.preprocess.pipeline == "vmoe":
-        image_HWC = VmoeEvalTransform(info.preprocess)(image_HWC, np.random.default_rng(0))
-    return to_model_input(image_HWC[None], info.preprocess.size, info.in_chans)
+    pre = info.preprocess
+    if pre.pipeline == "vmoe":
+        transform = Transform(ops=eval_ops(pre.size, pre.resize_small))
+        image_HWC = transform(image_HWC, torch.Generator())  # deterministic ops: no draws
+    return to_model_input(image_HWC[None], pre.size, info.in_chans)
 
 
 @dataclass
