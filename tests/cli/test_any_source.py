@@ -81,3 +81,18 @@ def test_every_command_refuses_a_bad_source_in_one_line(command, tmp_path, capsy
     err = capsys.readouterr().err
     assert err.startswith(f"visionmoe {command[0]}: error: cannot open model '{bad}'")
     assert err.count("\n") == 1 and "save_pretrained folder" in err
+
+
+def test_upcycle_a_pretrained_dense_model_into_a_pretrained_folder(tmp_path, capsys, one_thread):
+    from visionmoe.loading import load_model
+
+    torch.manual_seed(0)
+    dense = build_model(get_recipe("digits_vit"))
+    folder = save_pretrained(dense, tmp_path / "dense")
+    out = tmp_path / "moe"
+    assert main(["upcycle", str(folder), "--out", str(out), "--set", "num_experts=4"]) == 0
+    assert f"visionmoe train --recipe RECIPE --init {out}" in capsys.readouterr().out
+    model, info = load_model(out)
+    assert info.kind == "pretrained" and info.model_config.moe.num_experts == 4
+    assert main(["upcycle", str(folder), "--out", str(out), "--set", "train.steps=3"]) == 2
+    assert "holds no training settings" in capsys.readouterr().err

@@ -130,3 +130,23 @@ def test_a_corrupt_vmoe_prefix_is_one_line_naming_the_file(tmp_path, folder, cap
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "broken" in err
         assert err.startswith(f"visionmoe {command[0]}: error:")
+
+
+def test_sweep_fewshot_inspect_and_predict_take_a_converted_model(
+    converted, vmoe_prefix, folder, tmp_path, capsys
+):
+    data = ["--data", str(folder), "--batch-size", "3"]
+    sweep = ["sweep", str(vmoe_prefix), *data, "--capacity-factors", "0.5", "4"]
+    assert main([*sweep, "--out", str(tmp_path / "sweep")]) == 0
+    rows = json.loads((tmp_path / "sweep" / "sweep.json").read_text())["rows"]
+    # At cf 4 nothing is dropped, so BPR and vanilla routing agree exactly.
+    assert rows[1]["bpr_accuracy"] == rows[1]["vanilla_accuracy"]
+    assert main(["fewshot", str(converted), *data, "--shots", "1", "2"]) == 0
+    assert "1-shot" in capsys.readouterr().out
+    out = tmp_path / "inspect"
+    assert main(["inspect", str(converted), *data, "--out", str(out), "--examples", "2"]) == 0
+    assert (out / "report.html").is_file()
+    capsys.readouterr()
+    image = next((folder / "val" / "class_1").iterdir())
+    assert main(["predict", str(converted), str(image)]) == 0
+    assert capsys.readouterr().out.startswith(f"{image}: ")
