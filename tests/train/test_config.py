@@ -49,3 +49,14 @@ def test_bad_overrides_are_errors(item, fragment):
 def test_unknown_recipe_suggests():
     with pytest.raises(ValueError, match="digits_vmoe"):
         get_recipe("digits_vmo")
+
+
+def test_set_router_brings_that_routers_defaults():
+    # README: `--set model.router=soft|expert_choice` applies that router's defaults unless set.
+    base = get_recipe("digits_vmoe")
+    soft = apply_set(base, ["model.router=soft"]).model.moe
+    assert soft.noise_std == 0.0 and soft.group_images == 1
+    ec = apply_set(base, ["model.router=expert_choice"]).model.moe
+    assert (ec.group_images, ec.capacity_rounding, ec.capacity_multiple_of) == (1, "round", None)
+    mine = apply_set(base, ["model.router=expert_choice", "model.capacity_multiple_of=4"])
+    assert mine.model.moe.capacity_multiple_of == 4
