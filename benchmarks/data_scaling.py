@@ -13,8 +13,11 @@ tree every 50 ms:
   process and its DataLoader workers (PSS splits shared pages between processes, so forked
   workers' shared libraries are not counted several times).
 
-    python -m benchmarks.data_scaling                    # N = 500, 60 steps
-    python -m benchmarks.data_scaling --n 200 --steps 20 # quick
+    python -m benchmarks.data_scaling                    # N = 500, 60 steps, 3 repeats
+    python -m benchmarks.data_scaling --n 200 --steps 20 --repeats 1  # quick
+
+The two sizes alternate within each repeat (N, 10 N, N, 10 N, ...) so a change in machine load
+lands on both; the table reports the median over repeats of each measure.
 
 Outputs ``benchmarks/results/data_scaling.json`` and ``.md``.  On a busy machine the wall times
 are noisy; the load average is recorded.
@@ -26,6 +29,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -163,7 +167,8 @@ def render(result: dict) -> str:
             "",
             f"{result['steps']} steps of `digits_vmoe` (batch 64) on an ImageNet-layout folder of "
             f"JPEGs of 24-96 px, {VAL_IMAGES} validation images in both; DataLoader workers: "
-            f"{result['workers'] if result['workers'] is not None else 'automatic'}.",
+            f"{result['workers'] if result['workers'] is not None else 'automatic'}; "
+            f"median of {result['repeats']} alternating repeats.",
             "",
             *rows,
             "",
@@ -180,22 +185,35 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--n", type=int, default=500, help="train images of the small folder")
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--workers", type=int, default=None, help="data.num_workers (auto)")
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     load_before = [round(v, 2) for v in os.getloadavg()]
-    runs = []
+    counts = (args.n, 10 * args.n)
+    samples: dict[int, list[dict]] = {count: [] for count in counts}
     with tempfile.TemporaryDirectory(prefix="data_scaling_") as tmp:
-        for count in (args.n, 10 * args.n):
-            folder = Path(tmp) / f"images_{count}"
-            began = time.perf_counter()
-            write_folder(folder, count)
-            written = time.perf_counter() - began
-            record = measure_train(folder, Path(tmp) / f"run_{count}", args.steps, args.workers)
-            runs.append({"train_images": count, "write_s": written, **record})
-            print(json.dumps(runs[-1]), flush=True)
+        for count in counts:
+            write_folder(Path(tmp) / f"images_{count}", count)
+        for repeat in range(args.repeats):
+            for count in counts:
+                run_dir = Path(tmp) / f"run_{count}_{repeat}"
+                record = measure_train(
+                    Path(tmp) / f"images_{count}", run_dir, args.steps, args.workers
+                )
+                samples[count].append(record)
+                print(json.dumps({"train_images": count, "repeat": repeat, **record}), flush=True)
+    runs = [
+        {
+            "train_images": count,
+            **{key: statistics.median(r[key] for r in samples[count]) for key in samples[count][0]},
+            "samples": samples[count],
+        }
+        for count in counts
+    ]
     result = {
         "steps": args.steps,
         "workers": args.workers,
+        "repeats": args.repeats,
         "runs": runs,
         "targets": {"rss_within": RSS_TARGET, "wall_within": WALL_TARGET},
         "environment": {
