@@ -43,3 +43,22 @@ def test_bad_precision_is_a_usage_error(capsys):
 def test_resume_may_change_only_the_device(bf16_run, capsys):
     code = main(["train", "--resume", str(bf16_run), "--precision", "fp32"])
     assert code == 2 and "only --device may change" in capsys.readouterr().err
+
+
+def test_eval_and_other_commands_take_device_and_precision(bf16_run, tmp_path, capsys):
+    argv = ["--device", "cpu", "--precision", "bf16"]
+    assert main(["eval", str(bf16_run), *argv, "--batch-size", "64", "--json"]) == 0
+    bf16 = json.loads(capsys.readouterr().out)
+    assert main(["eval", str(bf16_run), "--device", "cpu", "--json"]) == 0
+    fp32 = json.loads(capsys.readouterr().out)
+    # bf16 rounding may flip a few of the 450 test digits, no more.
+    assert abs(bf16["accuracy"] - fp32["accuracy"]) <= 5 / 450
+    assert bf16["num_examples"] == fp32["num_examples"] == 450
+    out = tmp_path / "sweep"
+    assert main(["sweep", str(bf16_run), *argv, "--capacity-factors", "1", "--out", str(out)]) == 0
+    assert main(["fewshot", str(bf16_run), *argv, "--shots", "1"]) == 0
+    assert main(["inspect", str(bf16_run), *argv, "--out", str(tmp_path / "inspect")]) == 0
+    assert (tmp_path / "inspect" / "report.html").is_file()
+    capsys.readouterr()
+    assert main(["eval", str(bf16_run), "--precision", "fp16"]) == 2
+    assert "invalid choice: 'fp16'" in capsys.readouterr().err

@@ -79,6 +79,17 @@ def _add_source(p: argparse.ArgumentParser, data: bool = True) -> None:
     )
     p.add_argument("--image-size", type=int, help="evaluate at this resolution")
     p.add_argument("--preset", help="vmoe checkpoint prefixes: a released-model preset")
+    _add_device(p)
+
+
+def _add_device(p: argparse.ArgumentParser) -> None:
+    """``--device`` and ``--precision``, on every command that runs a model."""
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
+    p.add_argument(
+        "--precision",
+        choices=["fp32", "bf16"],
+        help="fp32 (default) or bf16 autocast; routers stay float32",
+    )
 
 
 def _eval_options(args: argparse.Namespace):
@@ -90,6 +101,8 @@ def _eval_options(args: argparse.Namespace):
         batch_size=getattr(args, "batch_size", None),
         image_size=args.image_size,
         preset=args.preset,
+        device=args.device,
+        precision=args.precision or "fp32",
     )
 
 
@@ -196,6 +209,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", help="labelled dataset kind to classify (default: digits)")
     p.add_argument("--data", help="path of that dataset")
     p.add_argument("--json", action="store_true", help="print JSON only")
+    _add_device(p)
 
     p = add(
         "inspect",
@@ -254,16 +268,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("pattern", nargs="?", default="*")
     add("recipes", "list training recipes", "visionmoe.recipes.list_recipes")
     return parser
-
-
-def _add_device(p: argparse.ArgumentParser) -> None:
-    """``--device`` and ``--precision``, on every command that runs a model."""
-    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
-    p.add_argument(
-        "--precision",
-        choices=["fp32", "bf16"],
-        help="fp32 (default) or bf16 autocast; routers stay float32",
-    )
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -400,7 +404,14 @@ def _log2(value: float) -> str:
 def _zeroshot(args: argparse.Namespace) -> int:
     from visionmoe.eval.zeroshot import zeroshot_run
 
-    result = zeroshot_run(args.run, args.templates, args.dataset, args.data)
+    result = zeroshot_run(
+        args.run,
+        args.templates,
+        args.dataset,
+        args.data,
+        device=args.device,
+        precision=args.precision or "fp32",
+    )
     if args.json:
         print(json.dumps(result, indent=2))
     else:

@@ -120,7 +120,7 @@ def evaluate_run(
     set_routing(
         inputs.model, capacity_factor=capacity_factor, batch_priority=batch_priority, top_k=top_k
     )
-    result = evaluate_batches(inputs.model, inputs.batches())
+    result = evaluate_batches(inputs.model, inputs.batches(), options.precision)
     result.update(capacity_factor=capacity_factor, batch_priority=batch_priority, top_k=top_k)
     result.update(describe(inputs.info), dataset=inputs.splits.name)
     return result
@@ -130,11 +130,16 @@ def evaluate_run(
 def predict_files(
     source: str, paths: list[str], top: int = 5, *, options: EvalOptions | None = None
 ) -> list[dict]:
-    """Top-``top`` classes with probabilities for each image file, for any model source."""
+    """Top-``top`` classes with probabilities for each image file, for any model source (on
+    ``options.device``, in ``options.precision``)."""
     import numpy as np
     from PIL import Image
 
-    model, info = open_model(source, options or EvalOptions())
+    from visionmoe.runtime import autocast
+
+    options = options or EvalOptions()
+    model, info = open_model(source, options)
+    device = next(model.parameters()).device
     mode = "L" if info.in_chans == 1 else "RGB"
     out = []
     for path in paths:
@@ -145,7 +150,9 @@ def predict_files(
             raise ValueError(f"cannot read image '{path}': {err}") from None
         if array.ndim == 2:
             array = array[..., None]
-        probs = torch.softmax(model(prepare_image(array, info)).float(), -1)[0]
+        with autocast(device, options.precision):
+            logits = model(prepare_image(array, info).to(device))
+        probs = torch.softmax(logits.float(), -1)[0].cpu()
         values, index = probs.topk(min(top, len(probs)))
         out.append(
             {

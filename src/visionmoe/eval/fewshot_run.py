@@ -22,13 +22,21 @@ def extract_features(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -
 
 @torch.no_grad()
 def batch_features(
-    model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor | None]]
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor | None]],
+    precision: str = "fp32",
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Pre-logits of streamed ``(x, y)`` batches (float64) and their labels (None if absent)."""
+    """Pre-logits of streamed ``(x, y)`` batches (float64) and their labels (None if absent),
+    computed on the model's device in ``precision``."""
+    from visionmoe.runtime import autocast
+
     model.eval()
+    device = next(model.parameters()).device
     feats, labels = [], []
     for x, y in batches:
-        feats.append(model.forward_head(model.forward_features(x), pre_logits=True))
+        with autocast(device, precision):
+            tokens = model.forward_features(x.to(device))
+            feats.append(model.forward_head(tokens, pre_logits=True).float().cpu())
         if y is not None:
             labels.append(y)
     return (
@@ -59,7 +67,8 @@ def fewshot_run(
     if kind is not None:
         options = replace(options, settings=(*options.settings, f"data.kind={kind}"))
     inputs = open_for_eval(run, options, classifier=False)
-    train_x, train_y = batch_features(inputs.model, inputs.batches(inputs.splits.train))
-    test_x, test_y = batch_features(inputs.model, inputs.batches())
+    precision = options.precision
+    train_x, train_y = batch_features(inputs.model, inputs.batches(inputs.splits.train), precision)
+    test_x, test_y = batch_features(inputs.model, inputs.batches(), precision)
     datasets = {inputs.splits.name: (train_x, train_y, test_x, test_y)}
     return fewshot_evaluate(datasets, shots=tuple(shots), protocol=protocol, seeds=seeds)

@@ -39,6 +39,7 @@ from visionmoe.data import (
 from visionmoe.data.loader import read_batch
 from visionmoe.data.ops import Transform, eval_ops
 from visionmoe.loading import EvalPreprocess, ModelInfo, load_model
+from visionmoe.runtime import check_precision, place_model
 from visionmoe.train.config import DataConfig, parse_model_options, parse_value
 from visionmoe.train.inputs import load_splits, num_workers
 from visionmoe.train.inputs import sample_transform as training_transform
@@ -55,6 +56,8 @@ class EvalOptions:
     checkpoints have none, so they need it). ``settings``: ``section.field=value`` strings.
     ``batch_size`` / ``image_size``: evaluation batch and input resolution (default: the run's
     eval batch size or 256, and the model's image size). ``preset``: vmoe checkpoints only.
+    ``device``: ``cpu``, ``cuda`` or ``cuda:N`` (default: CUDA when available, else CPU);
+    ``precision``: ``fp32`` or ``bf16`` (autocast; routers stay float32).
     """
 
     data: str | None = None
@@ -62,8 +65,11 @@ class EvalOptions:
     batch_size: int | None = None
     image_size: int | None = None
     preset: str | None = None
+    device: str | None = None
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
+        check_precision(self.precision)
         for name in ("batch_size", "image_size"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, int) and value > 0):
@@ -115,6 +121,7 @@ def open_model(
     if options.image_size is not None:
         overrides["image_size"] = options.image_size
     model, info = load_model(source, preset=options.preset, **overrides)
+    model, _ = place_model(model, options.device)
     if settings.preprocess:
         info = replace(info, preprocess=replace(info.preprocess, **settings.preprocess))
     return model, info

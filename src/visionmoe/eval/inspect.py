@@ -30,28 +30,31 @@ def inspect_run(
     to ``RUN/inspect/`` (``PREFIX_inspect`` beside a vmoe checkpoint).
     """
     from visionmoe.eval.report import inspect_model
+    from visionmoe.runtime import autocast
 
     if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples < 1:
         raise ValueError(f"num_examples (--examples) must be an integer >= 1, got {num_examples!r}")
     options = options or EvalOptions()
     out = Path(out_dir) if out_dir else default_out_dir(run, "inspect")
     model, info = open_model(run, options)
-    if info.experiment is not None and info.experiment.text is not None:
-        return _inspect_limoe(run, model, info.experiment, out, max_images)
-    inputs = with_data(model, info, options)
-    return inspect_model(
-        model,
-        inputs.images(limit=max_images),
-        info.preprocess.size,
-        info.in_chans,
-        out,
-        num_examples=num_examples,
-        capacity_factors=tuple(capacity_factors),
-        max_images=max_images,
-        batch_size=inputs.batch_size,
-        title=f"Routing report: {info.experiment.name if info.experiment else Path(run).name}",
-        progress=progress,
-    )
+    with autocast(next(model.parameters()).device, options.precision):
+        if info.experiment is not None and info.experiment.text is not None:
+            return _inspect_limoe(run, model, info.experiment, out, max_images)
+        inputs = with_data(model, info, options)
+        name = info.experiment.name if info.experiment else Path(run).name
+        return inspect_model(
+            model,
+            inputs.images(limit=max_images),
+            info.preprocess.size,
+            info.in_chans,
+            out,
+            num_examples=num_examples,
+            capacity_factors=tuple(capacity_factors),
+            max_images=max_images,
+            batch_size=inputs.batch_size,
+            title=f"Routing report: {name}",
+            progress=progress,
+        )
 
 
 def _inspect_limoe(

@@ -54,7 +54,10 @@ def sweep_run(
         row = {"capacity_factor": cf}
         for label, bpr in (("vanilla", False), ("bpr", True)):
             set_routing(model, capacity_factor=cf, batch_priority=bpr)
-            results = [evaluate_batches(model, inputs.batches(seed=seed)) for seed in seeds]
+            results = [
+                evaluate_batches(model, inputs.batches(seed=seed), options.precision)
+                for seed in seeds
+            ]
             row[f"{label}_accuracy"] = float(np.mean([r["accuracy"] for r in results]))
             row[f"{label}_compute_frac"] = float(np.mean([r["compute_frac"] for r in results]))
         rows.append(row)

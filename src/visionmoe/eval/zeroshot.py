@@ -107,8 +107,11 @@ def zeroshot_run(
     dataset: str | None = None,
     data: str | None = None,
     batch_size: int | None = None,
+    device: str | None = None,
+    precision: str = "fp32",
 ) -> dict:
-    """Zero-shot test accuracy of a LIMoE run on a labelled image dataset.
+    """Zero-shot test accuracy of a LIMoE run on a labelled image dataset (on ``device``: default
+    CUDA when available, else CPU; in ``precision``: ``fp32`` or ``bf16``).
 
     Example: ``zeroshot_run("runs/digits_limoe-...")`` (digits test split, digit prompts), or
     ``zeroshot_run(run, ["a photo of a {}"], dataset="folder", data="my_classes/")``.
@@ -116,10 +119,13 @@ def zeroshot_run(
     """
     from visionmoe.loading import load_model
     from visionmoe.models.limoe import LIMoE
+    from visionmoe.runtime import check_precision, place_model
     from visionmoe.train.config import DataConfig
     from visionmoe.train.inputs import load_splits, to_tensors
 
+    check_precision(precision)
     model, info = load_model(run)
+    model, _ = place_model(model, device)
     config = info.experiment
     if not isinstance(model, LIMoE) or config is None:
         raise ValueError(f"run '{run}' is an image classifier, not an image-text (LIMoE) run")
@@ -133,9 +139,8 @@ def zeroshot_run(
     splits = load_splits(DataConfig(kind=kind, path=data, **extra))
     per_class = resolve_prompts(prompts, splits.test.class_names)
     test = to_tensors(splits.test, config.model)
-    result = zeroshot_accuracy(
-        model, test.x, test.y, per_class, batch_size=batch_size or config.train.eval_batch_size
-    )
+    size = batch_size or config.train.eval_batch_size
+    result = zeroshot_accuracy(model, test.x, test.y, per_class, None, size, precision)
     return {
         "run": str(run),
         "dataset": splits.name,
