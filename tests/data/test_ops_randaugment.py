@@ -155,6 +155,12 @@ def test_geometric_ops_against_pixel_loop_reference(negate):
     ref = _warp_ref(x, lambda i, j: (i + s * 3, j))
     assert np.array_equal(_apply(image, "TranslateY", 0.3, negate=negate), ref)
     assert np.all(_apply(image, "TranslateX", 10, negate=negate) == 128)  # 100 px > 9 px
+    # A non-integer shift (M=0.36: 3.6 px) goes through the per-pixel nearest lookup.
+    ref = _warp_ref(x, lambda i, j: (i, j + s * 3.6))
+    assert np.array_equal(_apply(image, "TranslateX", 0.36, negate=negate), ref)
+    wide = _image(5, 130)
+    ref = _warp_ref(wide.numpy().astype(np.int64), lambda i, j: (i, j + s * 100))
+    assert np.array_equal(_apply(wide, "TranslateX", 10, negate=negate), ref)
     # Rotate 30 * level degrees about the centre ((H-1)/2, (W-1)/2).
     t = math.radians(s * 30)
     cy, cx = 3.0, 4.0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Callable
 from os import PathLike
 
 import numpy as np
@@ -78,11 +79,16 @@ def image_size_of(data: Encoded) -> tuple[int, int]:
     return height, width
 
 
-def decode_and_crop(data: Encoded, box: Box) -> torch.Tensor:
-    """Decode and keep only ``box = (top, left, height, width)``, as uint8 ``(h, w, 3)``."""
-    top, left, height, width = box
+def decode_and_crop(data: Encoded, box: Box | Callable[[int, int], Box]) -> torch.Tensor:
+    """Decode only ``box = (top, left, height, width)``, as uint8 ``(h, w, 3)``.
+
+    ``box`` may be a function of the header's ``(height, width)`` returning the box, so a
+    random crop is drawn and decoded with one open of the file.
+    """
     with _open(data) as pil_image:
-        return _to_tensor(pil_image.crop((left, top, left + width, top + height)))
+        width, height = pil_image.size
+        top, left, h, w = box(height, width) if callable(box) else box
+        return _to_tensor(pil_image.crop((left, top, left + w, top + h)))
 
 
 def sample_inception_box(

@@ -193,8 +193,9 @@ class Transform:
         if isinstance(sample, bytes | bytearray | memoryview | str | PathLike):
             if ops and isinstance(ops[0], InceptionCrop):
                 # decode_jpeg_and_inception_crop: the box comes from the header's size.
-                box = ops[0].box(*geometry.image_size_of(sample), generator)
-                image = geometry.resize(geometry.decode_and_crop(sample, box), ops[0].size)
+                crop = ops[0]
+                image = geometry.decode_and_crop(sample, lambda h, w: crop.box(h, w, generator))
+                image = geometry.resize(image, crop.size)
                 ops = ops[1:]
             else:
                 image = geometry.decode(sample)

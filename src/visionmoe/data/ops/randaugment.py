@@ -24,6 +24,7 @@ import math
 from dataclasses import dataclass
 from functools import lru_cache
 
+import numpy as np
 import torch
 
 __all__ = [
@@ -123,24 +124,26 @@ def apply_op(image: torch.Tensor, layer: Layer, config: RandAugment) -> torch.Te
         return auto_contrast(image)
     if op == "Equalize":
         return equalize(image)
+    levels = torch.arange(256, dtype=torch.int32)
     if op == "Invert":
-        return 255 - image
+        return apply_lut(image, 255 - levels)
     if op == "Posterize":
         shift = 8 - int(4 * level)
-        return torch.zeros_like(image) if shift >= 8 else (image >> shift) << shift
+        return apply_lut(image, levels * 0 if shift >= 8 else (levels >> shift) << shift)
     if op == "Solarize":
         threshold = int(256 * level)
         if config.solarize_wraps:
             threshold %= 256
-        if threshold > 255:  # compare before torch would cast the threshold to uint8
-            return image
-        return torch.where(image < threshold, image, 255 - image)
+        return apply_lut(image, torch.where(levels < threshold, levels, 255 - levels))
     if op == "SolarizeAdd":
-        added = (image.to(torch.int32) + int(110 * level)).clamp_(0, 255).to(torch.uint8)
-        return torch.where(image < 128, added, image)
+        added = (levels + int(110 * level)).clamp(0, 255)
+        return apply_lut(image, torch.where(levels < 128, added, levels))
     if op in ("Color", "Contrast", "Brightness", "Sharpness"):
         factor = 1.8 * level + 0.1
-        return blend(_degenerate(image, op, config), image, factor)
+        degenerate = _degenerate(image, op, config)
+        if degenerate.ndim == 0:  # a constant: the blend is a lookup table
+            return apply_lut(image, blend(degenerate, levels.to(torch.uint8), factor))
+        return blend(degenerate, image, factor)
     if op == "Cutout":
         return cutout(image, int(40 * level), layer.centre)
     height, width = image.shape[0], image.shape[1]
@@ -155,10 +158,11 @@ def apply_op(image: torch.Tensor, layer: Layer, config: RandAugment) -> torch.Te
         src_x, src_y = xs + (sign * 0.3 * level) * ys, ys
     elif op == "ShearY":
         src_x, src_y = xs, ys + (sign * 0.3 * level) * xs
-    elif op == "TranslateX":
-        src_x, src_y = xs + sign * 100.0 * level, ys
-    elif op == "TranslateY":
-        src_x, src_y = xs, ys + sign * 100.0 * level
+    elif op in ("TranslateX", "TranslateY"):
+        shift = sign * 100.0 * level
+        if shift == int(shift):
+            return translate(image, int(shift), axis=1 if op == "TranslateX" else 0)
+        src_x, src_y = (xs + shift, ys) if op == "TranslateX" else (xs, ys + shift)
     else:
         raise ValueError(f"unknown RandAugment op {op!r}; known: {', '.join(OPS)}")
     return warp_nearest(image, src_y, src_x)
@@ -183,6 +187,29 @@ def warp_nearest(image: torch.Tensor, src_y: torch.Tensor, src_x: torch.Tensor) 
     flat = (yi.clamp(0, height - 1) * width + xi.clamp(0, width - 1)).reshape(-1)
     out = image.reshape(-1, channels).index_select(0, flat).reshape(height, width, channels)
     return torch.where(inside.unsqueeze(-1), out, torch.tensor(FILL, dtype=torch.uint8))
+
+
+def translate(image: torch.Tensor, shift: int, axis: int) -> torch.Tensor:
+    """``out[i] = image[i + shift]`` along ``axis`` (an integer shift), gray from outside."""
+    size = image.shape[axis]
+    out = torch.full_like(image, FILL)
+    if abs(shift) >= size:
+        return out
+    src = image.narrow(axis, max(shift, 0), size - abs(shift))
+    out.narrow(axis, max(-shift, 0), size - abs(shift)).copy_(src)
+    return out
+
+
+def apply_lut(image: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
+    """``out = lut[image]`` with one 256-entry table (or one per channel: ``(C, 256)``)."""
+    table = lut.to(torch.uint8).numpy()
+    if table.ndim == 1:
+        return torch.from_numpy(np.take(table, image.numpy()))
+    pixels = image.numpy()
+    out = np.empty_like(pixels)
+    for c in range(pixels.shape[2]):
+        np.take(table[c], pixels[..., c], out=out[..., c])
+    return torch.from_numpy(out)
 
 
 def cutout(image: torch.Tensor, half: int, centre: tuple[float, float]) -> torch.Tensor:
@@ -245,26 +272,27 @@ def blend(degenerate: torch.Tensor, image: torch.Tensor, factor: float) -> torch
 
 def auto_contrast(image: torch.Tensor) -> torch.Tensor:
     """Per channel, stretch [lo, hi] to [0, 255] (``floor((x - lo) * 255 / (hi - lo))``)."""
-    x = image.to(torch.int32)
-    lo = x.amin(dim=(0, 1), keepdim=True)
-    hi = x.amax(dim=(0, 1), keepdim=True)
-    span = (hi - lo).clamp(min=1)
-    stretched = torch.div((x - lo) * 255, span, rounding_mode="floor")
-    return torch.where(hi > lo, stretched, x).to(torch.uint8)
+    flat = image.reshape(-1, image.shape[2])
+    lo = flat.amin(dim=0).to(torch.int32).view(-1, 1)
+    hi = flat.amax(dim=0).to(torch.int32).view(-1, 1)
+    levels = torch.arange(256, dtype=torch.int32).expand(image.shape[2], 256)
+    stretched = torch.div(
+        (levels - lo).clamp(min=0) * 255, (hi - lo).clamp(min=1), rounding_mode="floor"
+    )
+    return apply_lut(image, torch.where(hi > lo, stretched.clamp(max=255), levels))
 
 
 def equalize(image: torch.Tensor) -> torch.Tensor:
     """Per-channel histogram equalisation with the classic (PIL) step rule; see the spec 2.6."""
-    channels = []
+    luts = []
     for c in range(image.shape[2]):
-        plane = image[..., c]
-        hist = torch.bincount(plane.reshape(-1).to(torch.int64), minlength=256)
+        hist = torch.bincount(image[..., c].reshape(-1).to(torch.int64), minlength=256)
         last = int(hist.nonzero()[-1])
         step = (int(hist.sum()) - int(hist[last])) // 255
+        levels = torch.arange(256)
         if step == 0:
-            channels.append(plane)
+            luts.append(levels)
             continue
         before = torch.cumsum(hist, 0) - hist  # pixels strictly below each level
-        lut = torch.div(before + step // 2, step, rounding_mode="floor").clamp_(0, 255)
-        channels.append(lut.to(torch.uint8)[plane.to(torch.int64)])
-    return torch.stack(channels, dim=-1)
+        luts.append(torch.div(before + step // 2, step, rounding_mode="floor").clamp_(0, 255))
+    return apply_lut(image, torch.stack(luts))
