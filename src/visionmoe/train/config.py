@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from visionmoe.data import DATASET_KINDS
+from visionmoe.data.ops.config import PreprocessConfig
 from visionmoe.models.config import MoEConfig, ViTConfig
 from visionmoe.models.field_types import check_field_types
 from visionmoe.models.limoe import TextConfig
@@ -233,6 +234,8 @@ class ExperimentConfig:
 
     ``text=None`` is image classification; a :class:`TextConfig` makes the run a LIMoE
     image-text contrastive one (``model`` is then the shared encoder's backbone).
+    ``preprocess`` selects the V-MoE preprocessing ops (inception crop, flip, RandAugment,
+    mixup, resize_small + central crop at evaluation); its defaults keep the plain resize.
     """
 
     name: str
@@ -243,6 +246,7 @@ class ExperimentConfig:
     train: TrainConfig
     text: TextConfig | None = None
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
 
     def to_dict(self) -> dict:
         return {
@@ -251,6 +255,7 @@ class ExperimentConfig:
             **{s: _plain(getattr(self, s)) for s in ("data", "optim", "schedule", "train")},
             "text": None if self.text is None else self.text.to_dict(),
             "parallel": _plain(self.parallel),
+            "preprocess": _plain(self.preprocess),
         }
 
     @classmethod
@@ -264,6 +269,7 @@ class ExperimentConfig:
             train=TrainConfig(**data["train"]),
             text=None if data.get("text") is None else TextConfig(**data["text"]),
             parallel=ParallelConfig(**data.get("parallel", {})),
+            preprocess=PreprocessConfig(**data.get("preprocess", {})),
         )
 
     def to_json(self) -> str:
@@ -281,6 +287,7 @@ _SECTIONS = {
     "train": TrainConfig,
     "text": TextConfig,
     "parallel": ParallelConfig,
+    "preprocess": PreprocessConfig,
 }
 
 

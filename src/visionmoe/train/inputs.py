@@ -20,6 +20,7 @@ import torch
 from visionmoe.data import DatasetSplits, ImageDataset, augment, load_dataset, to_model_input
 from visionmoe.data.core import DatasetError, ImageSource, Subset
 from visionmoe.data.loader import EvalBatches, SampleTransform, StepBatches, make_loader, read_batch
+from visionmoe.data.ops import PreprocessConfig, Transform, mixup_for_step
 from visionmoe.models.config import ViTConfig
 from visionmoe.train.config import DataConfig, ExperimentConfig
 
@@ -107,9 +108,23 @@ class ResizeTo:
         return out[..., None] if out.ndim == 2 else out
 
 
-def sample_transform(source: ImageSource, model: ViTConfig) -> SampleTransform | None:
+def sample_transform(
+    source: ImageSource,
+    model: ViTConfig,
+    preprocess: PreprocessConfig | None = None,
+    *,
+    train: bool = False,
+) -> SampleTransform | None:
     """The per-sample host transform: none for fixed-size in-memory data (resized on the device,
-    as these recipes were tuned), a resize to the model's size for files of varied sizes."""
+    as these recipes were tuned), a resize to the model's size for files of varied sizes.
+
+    A ``preprocess`` that uses the V-MoE ops gives their :class:`Transform` instead: the
+    training ops with ``train=True``, else the evaluation ops.
+    """
+    if preprocess is not None and preprocess.uses_ops:
+        size = model.image_size
+        ops = preprocess.train_ops(size) if train else preprocess.eval_ops(size)
+        return Transform(ops=ops)
     return None if _in_memory(source) else ResizeTo(model.image_size)
 
 
@@ -149,9 +164,10 @@ class TrainStream:
             config.train.seed,
             rank=rank,
             world_size=world_size,
-            transform=sample_transform(source, config.model),
+            transform=sample_transform(source, config.model, config.preprocess, train=True),
             strict=config.data.strict,
         )
+        self.mixup = config.preprocess.mixup_config()
         self.skipped = 0
         self._iterator: Iterator[dict] | None = None
         self._next_step = -1
@@ -179,7 +195,10 @@ class TrainStream:
                 log.warning("more unreadable images skipped; see data/skipped_images")
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(x (n, C, H, W) float, y (n,), positions (n,))`` of this rank at ``step``."""
+        """``(x (n, C, H, W) float, y, positions (n,))`` of this rank at ``step``.
+
+        ``y`` is ``(n,)`` class indices, or ``(n, num_classes)`` soft targets with mixup on.
+        """
         if self._iterator is None or step != self._next_step:
             self._iterator = self._loader(step)
         batch = next(self._iterator)
@@ -192,7 +211,18 @@ class TrainStream:
         x = augment_for_step(
             x, step, self.config, positions=positions, draw_size=self.config.train.batch_size
         )
-        return x, batch["labels"].to(self.device, non_blocking=True), positions
+        y = batch["labels"].to(self.device, non_blocking=True)
+        if self.mixup.enabled:  # soft (N, num_classes) targets
+            x, y = mixup_for_step(
+                x,
+                y,
+                positions,
+                self.mixup,
+                seed=self.config.train.seed,
+                step=step,
+                num_classes=self.config.model.num_classes,
+            )
+        return x, y, positions
 
     def close(self) -> None:
         """Stop the loader's worker processes now rather than at garbage collection."""
@@ -218,7 +248,7 @@ def eval_stream(
         config.train.seed,
         rank=rank,
         world_size=world_size,
-        transform=sample_transform(source, config.model),
+        transform=sample_transform(source, config.model, config.preprocess),
         strict=config.data.strict,
     )
     loader = make_loader(

@@ -5,6 +5,7 @@
 :class:`Transform`), ``mixup`` (soft-target mixing of a batch). Definitions: PIPELINE.md section 2.
 """
 
+from visionmoe.data.ops.config import PreprocessConfig
 from visionmoe.data.ops.geometry import (
     central_crop,
     decode,
@@ -15,7 +16,7 @@ from visionmoe.data.ops.geometry import (
     sample_inception_box,
     value_range,
 )
-from visionmoe.data.ops.mixup import Mixup, mixup
+from visionmoe.data.ops.mixup import Mixup, mixup, mixup_for_step
 from visionmoe.data.ops.pipeline import (
     CentralCrop,
     FlipLR,
@@ -35,6 +36,7 @@ __all__ = [
     "InceptionCrop",
     "Mixup",
     "Op",
+    "PreprocessConfig",
     "RandAugment",
     "Resize",
     "ResizeSmall",
@@ -45,6 +47,7 @@ __all__ = [
     "flip_lr",
     "inception_crop",
     "mixup",
+    "mixup_for_step",
     "randaugment",
     "resize",
     "resize_small",

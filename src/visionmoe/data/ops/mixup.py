@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["GRANULARITIES", "Mixup", "mixup", "mixup_weights"]
+__all__ = ["GRANULARITIES", "MIXUP_STREAM", "Mixup", "mixup", "mixup_for_step", "mixup_weights"]
 
 GRANULARITIES = ("device", "batch", "example")
 
@@ -102,3 +102,55 @@ def mixup(
         mixed_x += wi.reshape(*wi.shape, *([1] * (x.ndim - 2))) * torch.roll(x, -i, dims=1)
         mixed_y += wi.unsqueeze(-1) * torch.roll(y, -i, dims=1)
     return mixed_x.reshape(images.shape), mixed_y.reshape(targets.shape)
+
+
+MIXUP_STREAM = 2**31 + 1  # the random-stream tag of mixup draws; per-sample draws never use it
+
+
+def mixup_for_step(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    positions: torch.Tensor,
+    config: Mixup,
+    *,
+    seed: int,
+    step: int,
+    num_classes: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One rank's batch at ``step``: labels to one-hot, then :func:`mixup`, reproducibly.
+
+    Each chunk's weights come from a generator keyed by ``(seed, step, MIXUP_STREAM, p)``, ``p``
+    the global batch position of the chunk's first image (``granularity="batch"``: no ``p``,
+    one draw shared by every rank). With ``chunk_size`` set and each rank's share a multiple of
+    it, the mix is the same whatever the number of ranks; with ``chunk_size=None`` each rank's
+    share is one chunk, as vmoe pairs within each device's batch.
+    """
+    targets = torch.nn.functional.one_hot(labels, num_classes).to(images.dtype)
+    if not config.enabled:
+        return images, targets
+    if config.granularity == "batch":
+        key = (seed, step, MIXUP_STREAM)
+        return mixup(images, targets, config, _generator(key))
+    chunk = len(images) if config.chunk_size is None else config.chunk_size
+    if len(images) % chunk:
+        raise ValueError(
+            f"this rank's batch of {len(images)} images is not a multiple of "
+            f"preprocess.mixup_chunk_size={chunk}"
+        )
+    whole = Mixup(
+        concentration=config.concentration, size=config.size, granularity=config.granularity
+    )
+    xs, ys = [], []
+    for start in range(0, len(images), chunk):
+        key = (seed, step, MIXUP_STREAM, int(positions[start]))
+        x, y = mixup(
+            images[start : start + chunk], targets[start : start + chunk], whole, _generator(key)
+        )
+        xs.append(x)
+        ys.append(y)
+    return torch.cat(xs), torch.cat(ys)
+
+
+def _generator(key: tuple[int, ...]) -> torch.Generator:
+    seed = int(np.random.SeedSequence(key).generate_state(1, np.uint64)[0])
+    return torch.Generator().manual_seed(seed)
