@@ -29,6 +29,22 @@ def test_golden_bpr():
     assert _kept(combine) == {(0, 0, 1): 0.4, (1, 0, 0): 0.5, (1, 2, 1): 0.4, (2, 2, 0): 0.6}
 
 
+def test_golden_bpr_priority_is_the_top1_gate_unless_asked():
+    # t0 = [.6, .35, .05] (top-1 .6, top-2 sum .95); t1 = [.65, .1, .25] (top-1 .65, sum .9).
+    # Both pick e0 first; cap = 1, so the token visited first keeps e0.
+    # "max" (default): visit t1, t0 -> t1 keeps e0 (.65) and e2 (.25); t0 keeps only e1 (.35).
+    # "sum_topk": visit t0, t1 -> t0 keeps e0 (.6) and e1 (.35); t1 keeps only e2 (.25).
+    gates = torch.tensor([[[0.6, 0.35, 0.05], [0.65, 0.1, 0.25]]])
+    combine, _ = top_k_dispatch(gates, k=2, capacity=1, batch_priority=True)
+    assert _kept(combine) == {(0, 1, 0): 0.35, (1, 0, 0): 0.65, (1, 2, 0): 0.25}
+    combine, _ = top_k_dispatch(gates, 2, 1, batch_priority=True, bpr_score="sum_topk")
+    assert _kept(combine) == {(0, 0, 0): 0.6, (0, 1, 0): 0.35, (1, 2, 0): 0.25}
+    expert, slot, gate, keep = top_k_assign(gates, 2, 1, batch_priority=True)
+    assert keep.tolist() == [[[False, True], [True, True]]]
+    expert, slot, gate, keep = top_k_assign(gates, 2, 1, True, "sum_topk")
+    assert keep.tolist() == [[[True, True], [False, True]]]
+
+
 def test_golden_index_form():
     expert, slot, gate, keep = top_k_assign(GATES, 2, 2)
     assert expert.tolist() == [[[0, 2], [0, 2], [2, 0]]]
