@@ -6,12 +6,11 @@ from __future__ import annotations
 import json
 import struct
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from visionmoe.distributed.evaluate import shard_rows
+from visionmoe.distributed.evaluate import eval_plan, padded
 from visionmoe.distributed.export import write_safetensors_streamed
 from visionmoe.distributed.groups import DEFAULT_TIMEOUT_S
 from visionmoe.distributed.train import parse_args, wants_merged
@@ -70,21 +69,35 @@ def test_merged_checkpoint_default_depends_on_the_state_size():
         apply_set(config, ["parallel.dense=zero"])
 
 
-def test_evaluation_shards_cover_the_test_set_once():
-    # The seeded order of the data pipeline: permutation of default_rng((seed, 2**31)), cut at
-    # floor(r * n / W) = 0, 2, 5, 7, 10 for n = 10, W = 4; every rank pads to ceil(10/4) = 3.
-    order = np.random.default_rng((5, 2**31)).permutation(10)
-    shards = [shard_rows(10, 5, 4, r) for r in range(4)]
-    for (rows, real), (lo, hi) in zip(shards, [(0, 2), (2, 5), (5, 7), (7, 10)], strict=True):
-        assert real == hi - lo and len(rows) == 3
-        assert rows[:real].tolist() == order[lo:hi].tolist()
-        assert rows[real:].tolist() == [order[hi - 1]] * (3 - real)
-    # Fewer examples than ranks: a rank with an empty block runs padding only.
-    assert shard_rows(1, 0, 2, 0)[1] == 0 and shard_rows(1, 0, 2, 1)[1] == 1
-    assert shard_rows(1, 0, 2, 0)[0].tolist() == [0]
+def test_evaluation_plan_and_padding_give_every_rank_equal_forwards():
+    # n = 10 over W = 4: blocks cut at floor(r * 10 / 4) = 0, 2, 5, 7, 10 (sizes 2, 3, 2, 3);
+    # a global batch of 5 is ceil(5 / 4) = 2 images per rank, so the largest block needs 2.
+    assert eval_plan(10, 5, 4) == (2, 2)
+    assert eval_plan(10, 256, 4) == (64, 1)
+    assert eval_plan(1, 8, 2) == (4, 1)  # rank 0's block is empty, rank 1's holds the image
+    x = torch.arange(3.0)[:, None]  # a block of 3 images in batches of 2, padded to 3 batches
+    batches = [(x[:2], torch.tensor([0, 1])), (x[2:], torch.tensor([2]))]
+    out = list(padded(batches, 2, 3))
+    assert [b[0][:, 0].tolist() for b in out] == [[0, 1], [2, 2], [2, 2]]
+    assert [b[1].tolist() for b in out] == [[0, 1], [2, 2], [2, 2]]
+    assert [b[2].tolist() for b in out] == [[True, True], [True, False], [False, False]]
+    # An empty block runs padding batches made of the blank example.
+    blank = (torch.tensor([[7.0]]), torch.tensor([4]))
+    (only,) = padded([], 3, 1, blank)
+    assert only[0][:, 0].tolist() == [7.0] * 3 and only[2].tolist() == [False] * 3
+    with pytest.raises(RuntimeError, match="read 2 evaluation batches, expected 1"):
+        list(padded(batches, 2, 1))
 
 
 def test_collective_timeout_default_is_generous():
     assert DEFAULT_TIMEOUT_S == 30 * 60
     assert parse_args([]).timeout == 30 * 60
     assert parse_args(["--timeout", "10"]).timeout == 10
+
+
+def test_export_command_reports_a_missing_run_in_one_line(tmp_path, capsys):
+    from visionmoe.distributed.export import main
+
+    assert main([str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("visionmoe export: error: no sharded checkpoint at") and "\n" not in err

@@ -2,75 +2,106 @@
 
 Rank r evaluates its block of the data pipeline's seeded evaluation order
 (:func:`visionmoe.data.batching.eval_indices`: W contiguous blocks of one fixed permutation, sizes
-differing by at most one). The all-to-all of an expert-parallel model needs every rank to run
-the same number of batches of the same shape, so a block shorter than S = ceil(n / W) is padded
-with copies of its last example; padded rows are left out of every count (``compute_frac``
-includes them). Routing groups of ``group_images`` images never mix images of two ranks, so
-with capacity to spare the result equals single-process evaluation in any order; under capacity
-pressure images compete only with the images of their own group, as in any batching.
+differing by at most one), read by its own loader (:func:`visionmoe.train.inputs.eval_stream`)
+in batches of ceil(B / W) images for a global evaluation batch B. The all-to-all of an
+expert-parallel model needs every rank to run the same number of forwards of the same shape, so
+a short batch is padded with copies of its last image and a rank with fewer batches runs padding
+batches at the end; padded rows are left out of every count (``compute_frac`` includes them).
+Routing groups of ``group_images`` images never mix two ranks' images, so with capacity to spare
+the result equals single-process evaluation in any order; under capacity pressure images compete
+only with the images of their own group, as in any batching.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterable, Iterator
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from visionmoe.distributed.groups import ParallelGroups
 
 
-def shard_rows(n: int, seed: int, world_size: int, rank: int) -> tuple[torch.Tensor, int]:
-    """``(rows, real)``: the ceil(n / world_size) test-set rows this rank evaluates, its seeded
-    block first (``real`` rows) and then copies of the block's last row as padding."""
-    from visionmoe.data.batching import eval_indices
+def eval_plan(n: int, batch_size: int, world_size: int) -> tuple[int, int]:
+    """``(local, num_batches)``: each rank's batch size ceil(B / W) and the number of forwards
+    every rank runs, enough for the largest block (blocks cut at floor(r * n / W))."""
+    local = max(1, math.ceil(batch_size / world_size))
+    largest = max(((r + 1) * n) // world_size - (r * n) // world_size for r in range(world_size))
+    return local, math.ceil(largest / local)
 
-    block = torch.from_numpy(eval_indices(n, seed, rank, world_size))
-    share = math.ceil(n / world_size)
-    fill = block[-1:] if len(block) else torch.zeros(1, dtype=torch.int64)
-    return torch.cat([block, fill.expand(share - len(block))]), len(block)
+
+def _rows(t: Tensor, count: int) -> Tensor:
+    """``count`` copies of the first row of ``t``."""
+    return t[:1].expand(count, *t.shape[1:])
+
+
+def padded(
+    batches: Iterable[tuple[Tensor, Tensor]],
+    local: int,
+    num_batches: int,
+    blank: tuple[Tensor, Tensor] | None = None,
+) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+    """``(x, y, keep)`` with exactly ``local`` rows each, ``num_batches`` times: each batch
+    padded with copies of its last row, then whole padding batches (``keep`` all False) made
+    of the last batch, or of the one example ``blank`` when ``batches`` was empty."""
+    last = None if blank is None else (_rows(blank[0], local), _rows(blank[1], local))
+    count = 0
+    for x, y in batches:
+        real = len(y)
+        if real == 0:
+            continue
+        fill = local - real
+        keep = torch.arange(local, device=y.device) < real
+        if fill:
+            x = torch.cat([x, _rows(x[-1:], fill)])
+            y = torch.cat([y, _rows(y[-1:], fill)])
+        last = (x, y)
+        count += 1
+        yield x, y, keep
+    if count > num_batches:
+        raise RuntimeError(f"this rank read {count} evaluation batches, expected {num_batches}")
+    for _ in range(num_batches - count):
+        if last is None:
+            raise RuntimeError("a rank with no evaluation images needs a blank example")
+        yield last[0], last[1], torch.zeros(local, dtype=torch.bool, device=last[1].device)
 
 
 @torch.no_grad()
 def evaluate_sharded(
     model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
+    batches: Iterable[tuple[Tensor, Tensor]],
+    n: int,
     batch_size: int,
     groups: ParallelGroups,
-    seed: int = 0,
     precision: str = "fp32",
+    blank: tuple[Tensor, Tensor] | None = None,
 ) -> dict:
     """Accuracy, loss (NLL) and compute fraction over the whole test set, every rank helping.
 
-    ``batch_size`` is the global evaluation batch: each rank runs ceil(batch_size / W) images
-    at a time. Every rank of ``groups`` must call this with the same ``x``/``y`` length; every
-    rank gets the same result. ``seed`` picks the evaluation order (``train.seed`` in training);
-    ``precision`` is ``fp32`` or ``bf16`` autocast. E^3 member logits are scored by their
-    ensemble prediction.
+    ``batches`` are this rank's model-ready ``(x, y)`` batches of its block of the ``n``
+    test images, ceil(``batch_size`` / W) images each (the last may be shorter), e.g. from
+    ``eval_stream(..., batch_size=local, rank=r, world_size=W)``. Every rank must call this;
+    every rank gets the same result. ``blank`` is one ``(x, y)`` example used as padding by a
+    rank whose block is empty (fewer images than ranks). ``precision`` is ``fp32`` or ``bf16``
+    autocast. E^3 member logits are scored by their ensemble prediction.
     """
     from visionmoe.models.ensemble import ensemble_log_probs
     from visionmoe.runtime import autocast
 
     was_training = model.training
     model.eval()
-    n = len(y)
-    idx, num_real = shard_rows(n, seed, groups.world_size, groups.rank)
-    real = torch.arange(len(idx)) < num_real
-    share = len(idx)
-    local = max(1, math.ceil(batch_size / groups.world_size))
+    local, num_batches = eval_plan(n, batch_size, groups.world_size)
     # correct, loss, processed, possible: summed on the device, read once at the end
     sums = torch.zeros(4, dtype=torch.float64, device=groups.device)
     began = time.perf_counter()
-    for i in range(0, share, local):
-        rows = idx[i : i + local]
+    for x, target, keep in padded(batches, local, num_batches, blank):
+        x, target, keep = (t.to(groups.device) for t in (x, target, keep))
         with autocast(groups.device, precision):
-            logits, aux = model(x[rows.to(x.device)].to(groups.device), return_aux=True)
-        target = y[rows.to(y.device)].to(groups.device)
-        keep = real[i : i + local].to(groups.device)
+            logits, aux = model(x, return_aux=True)
         if logits.ndim == 3:
             log_probs = ensemble_log_probs(logits)
         else:

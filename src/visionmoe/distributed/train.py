@@ -26,12 +26,13 @@ import os
 import sys
 import time
 import traceback
+from functools import partial
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from visionmoe.data import BatchIterator
+from visionmoe.data import ImageSource
 from visionmoe.distributed.checkpoint import load_rng, read_layout, restore_sharded, save_sharded
 from visionmoe.distributed.data_parallel import (
     broadcast_parameters,
@@ -42,7 +43,7 @@ from visionmoe.distributed.data_parallel import (
     unwrap,
     wrap_data_parallel,
 )
-from visionmoe.distributed.evaluate import evaluate_sharded
+from visionmoe.distributed.evaluate import eval_plan, evaluate_sharded
 from visionmoe.distributed.expert_parallel import expert_parameter_names, shard_moe_experts
 from visionmoe.distributed.export import export_merged, state_bytes
 from visionmoe.distributed.groups import (
@@ -62,8 +63,8 @@ from visionmoe.train.checkpoint import (
 from visionmoe.train.config import ExperimentConfig
 from visionmoe.train.finetune import load_init_weights
 from visionmoe.train.hooks import MetricsLog
-from visionmoe.train.inputs import TensorSplit, load_splits, to_tensors
-from visionmoe.train.loop import TrainState, batch_for_step, train_step
+from visionmoe.train.inputs import TrainStream, eval_stream, load_splits
+from visionmoe.train.loop import TrainState, train_step
 from visionmoe.train.optim import build_optimizer, learning_rate, set_learning_rate
 from visionmoe.train.rundir import default_run_dir, initial_config, truncate_metrics
 
@@ -169,15 +170,28 @@ def wants_merged(config: ExperimentConfig, num_params: int) -> bool:
 
 def _evaluate(
     model: torch.nn.Module,
-    test: TensorSplit,
+    test: ImageSource,
     name: str,
     state: TrainState,
     log: MetricsLog | None,
     groups: ParallelGroups,
 ) -> dict:
-    train = state.config.train
+    """Every rank scores its block of the test set, read by its own loader (sharded eval)."""
+    config, (n, world, rank) = state.config, (len(test), groups.world_size, groups.rank)
+    local, _ = eval_plan(n, config.train.eval_batch_size, world)
+    stream = partial(eval_stream, config, test, device=groups.device)
+    batches = stream(batch_size=local, rank=rank, world_size=world)
+    # A rank whose block is empty (fewer images than ranks) pads with the first test image.
+    empty = ((rank + 1) * n) // world == (rank * n) // world
+    blank = next(iter(stream(batch_size=1))) if empty and n else None
     result = evaluate_sharded(
-        unwrap(model), test.x, test.y, train.eval_batch_size, groups, train.seed, train.precision
+        unwrap(model),
+        batches,
+        n,
+        config.train.eval_batch_size,
+        groups,
+        config.train.precision,
+        blank,
     )
     out = {f"eval/{name}/{k}": v for k, v in result.items()}
     if log is not None:
@@ -224,9 +238,14 @@ def train_distributed(
 
     splits = load_splits(config.data)
     config = _with_dataset_classes(config, splits.train.num_classes)
-    train_data = to_tensors(splits.train, config.model)
-    test = to_tensors(splits.test, config.model)
-    test = TensorSplit(test.x.to(groups.device), test.y.to(groups.device), test.images)
+    # Each rank reads only its share of every batch (and of the test set) with its own loader.
+    train_data = TrainStream(
+        config,
+        splits.train,
+        device=groups.device,
+        rank=groups.rank,
+        world_size=groups.world_size,
+    )
     if groups.is_main:
         atomic_write_text(run_dir / "config.json", config.to_json())
         atomic_write_text(run_dir / "classes.json", json.dumps(splits.train.class_names))
@@ -261,14 +280,11 @@ def train_distributed(
     dist.barrier()
 
     steps, batch = config.train.steps, config.train.batch_size
-    share = batch // groups.world_size
-    local = slice(groups.rank * share, (groups.rank + 1) * share)
     log = None
     if groups.is_main:
         log = MetricsLog(run_dir, config.train.log_every, steps, start_step, progress)
         for note in notes:
             print(f"note: {note}", file=sys.stderr)
-    batches = BatchIterator(len(train_data), batch, config.train.seed)
     state = TrainState(config, model, optimizer, step=start_step)
     last_eval: dict = {}
     saved_step = start_step if layout is not None else -1
@@ -276,8 +292,7 @@ def train_distributed(
     while state.step < steps:
         lr = learning_rate(state.step, steps, config.optim.lr, config.schedule)
         set_learning_rate(optimizer, lr)
-        x, y = batch_for_step(train_data, batches, state.step, config)
-        x, y = x[local].to(groups.device), y[local].to(groups.device)
+        x, y, _ = train_data.batch(state.step)
         start = time.perf_counter()
         state.metrics = distributed_train_step(trained, optimizer, x, y, config, groups)
         elapsed = time.perf_counter() - start
@@ -287,11 +302,12 @@ def train_distributed(
         if log is not None:
             log.after_step(state)
         if state.step % config.train.eval_every == 0 and state.step < steps:
-            last_eval = _evaluate(trained, test, splits.name, state, log, groups)
+            last_eval = _evaluate(trained, splits.test, splits.name, state, log, groups)
         if state.step % config.train.checkpoint_every == 0:
             save_sharded(run_dir, state.step, model, optimizer, config.to_dict(), groups)
             saved_step = state.step
-    last_eval = _evaluate(trained, test, splits.name, state, log, groups)
+    train_data.close()
+    last_eval = _evaluate(trained, splits.test, splits.name, state, log, groups)
     if saved_step != state.step:
         save_sharded(run_dir, state.step, model, optimizer, config.to_dict(), groups)
     if log is not None:
