@@ -51,6 +51,8 @@ BAD = [
     (["train", "--set", "model.num_experts=0"], "train", "got 0"),
     (["train", "--set", "data.kind=imagenet"], "train", "'imagenet'"),
     (["train", "--set", "train.steps=many"], "train", "'many'"),
+    (["train", "--set", "train.keep_checkpoints=-1"], "train", "-1"),
+    (["train", "--set", "optim.momentum=1"], "train", "optim.momentum"),
     (["train", "--init", "{missing}"], "train", "{missing}"),
     (["train", "--recipe", "fashion_mnist_vmoe", "--data", "{missing}.npz"], "train", "{missing}"),
     (["eval", "{missing}"], "eval", "{missing}"),

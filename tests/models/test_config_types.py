@@ -45,6 +45,8 @@ def test_create_model_rejects_wrong_types(overrides, message):
         (lambda: OptimConfig(lr=math.nan), "optim.lr must be a finite number, got nan"),
         (lambda: OptimConfig(decay_kernels_only="yes"), "optim.decay_kernels_only.*'yes'"),
         (lambda: DataConfig(hflip="no"), "data.hflip must be True/False, got 'no'"),
+        (lambda: TrainConfig(keep_checkpoints=0), "train.keep_checkpoints must be >= 1, got 0"),
+        (lambda: OptimConfig(beta2=1.5), r"optim.beta2 must be in \[0, 1\), got 1.5"),
     ],
 )
 def test_experiment_configs_reject_wrong_types(make, message):

@@ -103,6 +103,9 @@ class OptimConfig:
             self.name in OPTIMIZERS, f"optim.name must be one of {OPTIMIZERS}, got {self.name!r}"
         )
         _check(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
+        for name in ("beta1", "beta2", "momentum"):
+            value = getattr(self, name)
+            _check(0 <= value < 1, f"optim.{name} must be in [0, 1), got {value}")
         _check(self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}")
         _check(
             self.grad_clip is None or self.grad_clip > 0,
@@ -176,6 +179,10 @@ class TrainConfig:
                 f"train.{name} must be a positive integer, got {value!r}",
             )
         _check(self.seed >= 0, f"train.seed must be >= 0, got {self.seed}")
+        _check(
+            self.keep_checkpoints >= 1,
+            f"train.keep_checkpoints must be >= 1, got {self.keep_checkpoints}",
+        )
         _check(
             self.threads is None or self.threads > 0,
             f"train.threads must be a positive integer or None (all cores), got {self.threads}",
