@@ -3,9 +3,15 @@
 Families (performance targets 1, 3, 4):
 
 - ``layer``: forward+backward time of the MoE layer divided by that of a dense MLP with ``K * F``
-  hidden units (the same active FLOPs when no token is dropped) on the same tokens.
-- ``bpr``: eval-mode, no-grad time at capacity factor 0.5 over that at 1.0, top-2 with BPR. With
-  the compact dispatch, compute follows capacity, so the ideal ratio is about 0.5 plus routing.
+  hidden units (the same active FLOPs when no token is dropped) on the same tokens, for every E in
+  ``cfg.layer_experts`` and every precision in ``cfg.precisions`` (fp32, bf16 autocast), routing
+  groups of ``cfg.group_images`` images. Weights do not change between repeats (no optimizer
+  step), so under autocast the cached bf16 copy of the expert weights is reused, as in
+  inference or gradient-accumulation micro-steps; the dense layer's weights are cast by autocast
+  on every call (D x KF elements, E/K times fewer). The per-step cast is in the ``model`` family.
+- ``bpr``: eval-mode, no-grad time at capacity factor 0.5 over that at 1.0, top-2 with BPR, for
+  every E in ``cfg.layer_experts``. With the compact dispatch, compute follows capacity, so the
+  ideal ratio is about 0.5 plus routing.
 - ``gemm``: GFLOP/s of ``Experts.forward_chunks`` (the per-expert GEMMs of the compact dispatch)
   over plain ``torch.mm`` on the same total rows, with expert row counts from a real routing.
 """
@@ -18,7 +24,15 @@ import torch
 from torch import Tensor, nn
 
 import visionmoe
-from benchmarks.timing import BenchConfig, compare, summarize, timing_ratio, zero_grads
+from benchmarks.timing import (
+    PRECISION_LABEL,
+    BenchConfig,
+    compare,
+    precision,
+    summarize,
+    timing_ratio,
+    zero_grads,
+)
 from visionmoe.layers import Mlp, SparseMoE
 
 # (top_k, capacity factor) pairs with performance targets.
@@ -40,17 +54,22 @@ def make_moe(
     top_k: int,
     capacity_factor: float,
     dispatch: str = "auto",
-    group_size: int | None = None,
+    group_size: int | None | str = "config",
+    experts: int | None = None,
     **kwargs,
 ) -> SparseMoE:
-    """Our token-choice layer with the benchmark widths and independently drawn experts."""
+    """Our token-choice layer with the benchmark widths and independently drawn experts.
+
+    ``group_size="config"`` routes in groups of ``cfg.group_images`` images; ``experts`` None
+    takes ``cfg.experts``.
+    """
     return SparseMoE(
         cfg.dim,
         cfg.hidden,
-        cfg.experts,
+        cfg.experts if experts is None else experts,
         top_k,
         capacity_factor,
-        group_size=group_size,
+        group_size=cfg.group_size if group_size == "config" else group_size,
         dispatch=dispatch,
         expert_init="independent",
         **kwargs,
@@ -62,107 +81,121 @@ def make_dense(cfg: BenchConfig, top_k: int) -> Mlp:
     return Mlp(cfg.dim, top_k * cfg.hidden, gelu_variant="tanh")
 
 
-def moe_train_fn(layer: nn.Module, x: Tensor):
+def moe_train_fn(layer: nn.Module, x: Tensor, prec: str = "float32"):
     """Closure: one forward+backward of an MoE layer with loss ``y.sum() + aux.loss``."""
 
     def step() -> None:
         zero_grads(layer, x)
-        y, aux = layer(x)
-        (y.sum() + aux.loss).backward()
+        with precision(prec):
+            y, aux = layer(x)
+            loss = y.float().sum() + aux.loss
+        loss.backward()
 
     return step
 
 
-def dense_train_fn(layer: nn.Module, x: Tensor):
+def dense_train_fn(layer: nn.Module, x: Tensor, prec: str = "float32"):
     """Closure: one forward+backward of a dense layer with loss ``y.sum()``."""
 
     def step() -> None:
         zero_grads(layer, x)
-        layer(x).sum().backward()
+        with precision(prec):
+            loss = layer(x).float().sum()
+        loss.backward()
 
     return step
 
 
 def run_layer(cfg: BenchConfig) -> dict:
-    """Item 1: MoE fwd+bwd / dense fwd+bwd at equal active FLOPs, both dispatch paths."""
+    """Item 1: MoE fwd+bwd / dense fwd+bwd at equal active FLOPs, per E, K, precision, dispatch."""
     results, ratios = {}, []
-    for top_k, cf in LAYER_SETTINGS:
-        torch.manual_seed(cfg.seed)
-        x = make_input(cfg)
-        dense = make_dense(cfg, top_k)
-        contenders = {"dense": dense_train_fn(dense, x)}
-        tokens = {}
-        for mode in DISPATCHES:
-            layer = make_moe(cfg, top_k, cf, mode)
-            contenders[f"moe_{mode}"] = moe_train_fn(layer, x)
+    groups = "one routing group" if cfg.group_size is None else f"groups of {cfg.group_size}"
+    for experts in cfg.layer_experts:
+        for top_k, cf in LAYER_SETTINGS:
+            torch.manual_seed(cfg.seed)
+            x = make_input(cfg)
+            dense = make_dense(cfg, top_k)
+            layers = {mode: make_moe(cfg, top_k, cf, mode, experts=experts) for mode in DISPATCHES}
             with torch.no_grad():
-                tokens[mode] = float(layer(x)[1].metrics["tokens_processed"])
-        samples = compare(contenders, cfg.repeats, cfg.warmup)
-        key = f"top{top_k}_cf{cf:g}"
-        results[key] = {
-            "top_k": top_k,
-            "capacity_factor": cf,
-            "dense_hidden": top_k * cfg.hidden,
-            "tokens_processed": tokens,
-            "assignments_max": top_k * cfg.tokens,
-            "times_s": {name: summarize(s) for name, s in samples.items()},
-        }
-        for mode in DISPATCHES:
-            ratios.append(
-                timing_ratio(
-                    f"layer.{key}.{mode}",
-                    "layer",
-                    f"MoE/dense fwd+bwd time, top-{top_k} cf {cf:.2f}, dispatch {mode}",
-                    samples[f"moe_{mode}"],
-                    samples["dense"],
-                    "<=",
-                    LAYER_TARGET,
-                    note=f"dense hidden {top_k * cfg.hidden}; T={cfg.tokens}, one routing group",
-                )
-            )
+                tokens = {m: float(v(x)[1].metrics["tokens_processed"]) for m, v in layers.items()}
+            for prec in cfg.precisions:
+                contenders = {"dense": dense_train_fn(dense, x, prec)}
+                for mode, layer in layers.items():
+                    contenders[f"moe_{mode}"] = moe_train_fn(layer, x, prec)
+                samples = compare(contenders, cfg.repeats, cfg.warmup)
+                key = f"e{experts}_top{top_k}_cf{cf:g}_{prec}"
+                results[key] = {
+                    "experts": experts,
+                    "top_k": top_k,
+                    "capacity_factor": cf,
+                    "precision": prec,
+                    "group_size": cfg.group_size,
+                    "dense_hidden": top_k * cfg.hidden,
+                    "tokens_processed": tokens,
+                    "assignments_max": top_k * cfg.tokens,
+                    "times_s": {name: summarize(s) for name, s in samples.items()},
+                }
+                label = f"E={experts} top-{top_k} cf {cf:.2f} {PRECISION_LABEL[prec]}"
+                for mode in DISPATCHES:
+                    ratios.append(
+                        timing_ratio(
+                            f"layer.{key}.{mode}",
+                            "layer",
+                            f"MoE/dense fwd+bwd time, {label}, dispatch {mode}",
+                            samples[f"moe_{mode}"],
+                            samples["dense"],
+                            "<=",
+                            LAYER_TARGET,
+                            note=f"dense hidden {top_k * cfg.hidden}; T={cfg.tokens}, {groups}",
+                        )
+                    )
     return {"results": results, "ratios": ratios, "errors": {}}
 
 
 def run_bpr(cfg: BenchConfig) -> dict:
-    """Item 3: inference time at cf 0.5 over cf 1.0, top-2, BPR on, eval mode, no grad."""
-    torch.manual_seed(cfg.seed)
-    x = make_input(cfg, requires_grad=False)
-    base = make_moe(cfg, 2, 1.0).eval()
-    layers = {}
-    for cf in (0.5, 1.0):
-        layer = copy.deepcopy(base)
-        visionmoe.set_routing(layer, capacity_factor=cf, batch_priority=True)
-        layers[f"cf{cf:g}"] = layer
+    """Item 3: inference time at cf 0.5 over cf 1.0, top-2, BPR on, eval mode, no grad, per E."""
+    results, ratios = {}, []
+    for experts in cfg.layer_experts:
+        torch.manual_seed(cfg.seed)
+        x = make_input(cfg, requires_grad=False)
+        base = make_moe(cfg, 2, 1.0, experts=experts).eval()
+        layers = {}
+        for cf in (0.5, 1.0):
+            layer = copy.deepcopy(base)
+            visionmoe.set_routing(layer, capacity_factor=cf, batch_priority=True)
+            layers[f"cf{cf:g}"] = layer
 
-    def infer(layer: nn.Module):
-        def run() -> None:
-            with torch.no_grad():
-                layer(x)
+        def infer(layer: nn.Module, x: Tensor = x):
+            def run() -> None:
+                with torch.no_grad():
+                    layer(x)
 
-        return run
+            return run
 
-    samples = compare({k: infer(v) for k, v in layers.items()}, cfg.repeats, cfg.warmup)
-    with torch.no_grad():
-        processed = {k: float(v(x)[1].metrics["tokens_processed"]) for k, v in layers.items()}
-    results = {
-        "bpr_cf": {
+        samples = compare({k: infer(v) for k, v in layers.items()}, cfg.repeats, cfg.warmup)
+        with torch.no_grad():
+            processed = {k: float(v(x)[1].metrics["tokens_processed"]) for k, v in layers.items()}
+        results[f"bpr_cf_e{experts}"] = {
+            "experts": experts,
             "top_k": 2,
             "batch_priority": True,
+            "group_size": cfg.group_size,
             "tokens_processed": processed,
             "times_s": {k: summarize(s) for k, s in samples.items()},
         }
-    }
-    ratio = timing_ratio(
-        "bpr.cf0.5_vs_cf1",
-        "bpr",
-        "Inference time cf 0.5 / cf 1.0 (top-2, BPR, eval, no grad)",
-        samples["cf0.5"],
-        samples["cf1"],
-        "<=",
-        BPR_TARGET,
-        note=f"expert rows {processed['cf0.5']:.0f} vs {processed['cf1']:.0f}",
-    )
-    return {"results": results, "ratios": [ratio], "errors": {}}
+        ratios.append(
+            timing_ratio(
+                f"bpr.e{experts}.cf0.5_vs_cf1",
+                "bpr",
+                f"Inference time cf 0.5 / cf 1.0 (E={experts}, top-2, BPR, eval, no grad)",
+                samples["cf0.5"],
+                samples["cf1"],
+                "<=",
+                BPR_TARGET,
+                note=f"expert rows {processed['cf0.5']:.0f} vs {processed['cf1']:.0f}",
+            )
+        )
+    return {"results": results, "ratios": ratios, "errors": {}}
 
 
 def routed_counts(layer: SparseMoE, x: Tensor) -> list[int]:

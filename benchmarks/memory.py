@@ -105,7 +105,10 @@ def run_memory(cfg: BenchConfig) -> dict:
     torch.manual_seed(cfg.seed)
     x = make_input(cfg)
     dense = make_dense(cfg, TOP_K)
-    moes = {f"moe_{m}": make_moe(cfg, TOP_K, CAPACITY_FACTOR, m) for m in ("auto", "static")}
+    moes = {
+        f"moe_{m}": make_moe(cfg, TOP_K, CAPACITY_FACTOR, m, experts=cfg.memory_experts)
+        for m in ("auto", "static")
+    }
 
     def forward(name: str) -> tuple[Tensor, Tensor]:
         """The layer output and the training loss built from it."""
@@ -158,7 +161,9 @@ def run_memory(cfg: BenchConfig) -> dict:
     ratios = []
     for mode in ("auto", "static"):
         name = f"moe_{mode}"
-        metric = f"Peak memory MoE/dense, fwd+bwd, top-2 cf 1.25, dispatch {mode}"
+        metric = (
+            f"Peak memory MoE/dense, fwd+bwd, E={cfg.memory_experts} top-2 cf 1.25, dispatch {mode}"
+        )
         mib = {n: b / 2**20 for n, b in param_bytes.items()}
         note = f"params {mib[name]:.1f} MiB (MoE) vs {mib['dense']:.1f} MiB (dense)"
         if ok:

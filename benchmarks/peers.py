@@ -31,6 +31,7 @@ training mode with loss ``output.sum() + aux_loss``.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 
@@ -165,43 +166,35 @@ def _try_peer(name: str, cfg: BenchConfig, x: Tensor, errors: dict) -> dict | No
         return None
 
 
+def peer_group_images(cfg: BenchConfig) -> list[int]:
+    """Routing groups to compare at: one image (the peers' own grouping) and ``group_images``."""
+    sizes = [1]
+    g = cfg.group_images
+    if g is not None and 1 < g <= cfg.images and cfg.images % g == 0:
+        sizes.append(g)
+    return sizes
+
+
 def run_peers(cfg: BenchConfig) -> dict:
-    """Time ours and each peer in both phases, interleaved; speedups are peer time / ours."""
+    """Time ours and each peer in both phases, interleaved; speedups are peer time / ours.
+
+    Token choice runs at every group size of :func:`peer_group_images`: the peers route each
+    batch row as one group, so a group of g images is the input viewed as ``(B / g, g * L, D)``
+    (ours gets the same view and ``group_size = g * L``). The peers' dense one-hot dispatch and
+    combine tensors are ``(groups, S, E, C)`` with C proportional to S, so their cost per token
+    grows with the group size S while ours does not.
+    """
     errors: dict[str, str] = {}
     results: dict[str, dict] = {}
     ratios: list[dict] = []
-    slots, peer_cf = peer_capacity_factor(cfg)
+    for group in peer_group_images(cfg):
+        gcfg = dataclasses.replace(
+            cfg, images=cfg.images // group, tokens_per_image=group * cfg.tokens_per_image
+        )
+        suffix = "" if group == 1 else f".group{group}"
+        _run_token_choice(gcfg, group, suffix, errors, results, ratios)
     torch.manual_seed(cfg.seed)
     x = make_input(cfg)
-
-    # Token choice: our top-2 layer, same groups and capacity as the peers.
-    ours = make_moe(
-        cfg,
-        TOP_K,
-        CAPACITY_FACTOR,
-        group_size=cfg.tokens_per_image,
-        eval_capacity_factor=CAPACITY_FACTOR,
-    )
-    tc = {"visionmoe": phase_fns(ours, x, _ours_loss)}
-    for name in TOKEN_CHOICE_PEERS:
-        fns = _try_peer(name, cfg, x, errors)
-        if fns is not None:
-            tc[name] = fns
-    for phase in PHASES:
-        samples = compare({k: v[phase] for k, v in tc.items()}, cfg.repeats, cfg.warmup)
-        results[f"token_choice.{phase}"] = {
-            "top_k": TOP_K,
-            "capacity_factor": CAPACITY_FACTOR,
-            "slots_per_expert_per_group": slots,
-            "peer_capacity_factor": peer_cf,
-            "group_tokens": cfg.tokens_per_image,
-            "times_s": {k: summarize(s) for k, s in samples.items()},
-        }
-        setting = (
-            f"top-{TOP_K} cf {CAPACITY_FACTOR}: {slots} slots/expert per "
-            f"{cfg.tokens_per_image}-token group (peer cf {peer_cf:.3f})"
-        )
-        ratios.extend(_token_choice_ratios(phase, samples, errors, setting))
 
     # Soft MoE at equal experts x slots.
     torch.manual_seed(cfg.seed)
@@ -249,11 +242,54 @@ def run_peers(cfg: BenchConfig) -> dict:
     return {"results": results, "ratios": ratios, "errors": errors}
 
 
-def _token_choice_ratios(phase: str, samples: dict, errors: dict, setting: str) -> list[dict]:
+def _run_token_choice(
+    cfg: BenchConfig, group: int, suffix: str, errors: dict, results: dict, ratios: list
+) -> None:
+    """Ours vs the token-choice peers, one routing group per input row of ``cfg``'s shape."""
+    slots, peer_cf = peer_capacity_factor(cfg)
+    torch.manual_seed(cfg.seed)
+    x = make_input(cfg)
+    ours = make_moe(
+        cfg,
+        TOP_K,
+        CAPACITY_FACTOR,
+        group_size=cfg.tokens_per_image,
+        eval_capacity_factor=CAPACITY_FACTOR,
+    )
+    tc = {"visionmoe": phase_fns(ours, x, _ours_loss)}
+    for name in TOKEN_CHOICE_PEERS:
+        fns = _try_peer(name, cfg, x, errors)
+        if fns is not None:
+            tc[name] = fns
+    for phase in PHASES:
+        samples = compare({k: v[phase] for k, v in tc.items()}, cfg.repeats, cfg.warmup)
+        results[f"token_choice{suffix}.{phase}"] = {
+            "experts": cfg.experts,
+            "top_k": TOP_K,
+            "capacity_factor": CAPACITY_FACTOR,
+            "group_images": group,
+            "slots_per_expert_per_group": slots,
+            "peer_capacity_factor": peer_cf,
+            "group_tokens": cfg.tokens_per_image,
+            "times_s": {k: summarize(s) for k, s in samples.items()},
+        }
+        setting = (
+            f"E={cfg.experts} top-{TOP_K} cf {CAPACITY_FACTOR}: {slots} slots/expert per "
+            f"{cfg.tokens_per_image}-token group of {group} image(s) (peer cf {peer_cf:.3f})"
+        )
+        ratios.extend(_token_choice_ratios(phase, samples, errors, setting, suffix, group))
+
+
+def _token_choice_ratios(
+    phase: str, samples: dict, errors: dict, setting: str, suffix: str = "", group: int = 1
+) -> list[dict]:
     """Speedup over the fastest token-choice peer (the target) and over each peer (info)."""
     peers = [p for p in TOKEN_CHOICE_PEERS if p in samples]
-    metric = f"Speedup over fastest token-choice peer (peer/ours time), {PHASE_LABEL[phase]}"
-    rid = f"peers.token_choice.{phase}"
+    where = f"groups of {group} image{'s' if group > 1 else ''}"
+    metric = (
+        f"Speedup over fastest token-choice peer (peer/ours time), {PHASE_LABEL[phase]}, {where}"
+    )
+    rid = f"peers.token_choice{suffix}.{phase}"
     if not peers:
         why = "; ".join(f"{k}: {v}" for k, v in errors.items()) or "no peer ran"
         return [ratio_record(rid, "peers", metric, None, ">=", TOKEN_CHOICE_TARGET, error=why)]
@@ -273,9 +309,9 @@ def _token_choice_ratios(phase: str, samples: dict, errors: dict, setting: str) 
     for peer in peers:
         out.append(
             timing_ratio(
-                f"peers.{peer}.{phase}",
+                f"peers.{peer}{suffix}.{phase}",
                 "peers",
-                f"Speedup over {peer} (peer/ours time), {PHASE_LABEL[phase]}",
+                f"Speedup over {peer} (peer/ours time), {PHASE_LABEL[phase]}, {where}",
                 samples[peer],
                 samples["visionmoe"],
                 None,
@@ -286,9 +322,9 @@ def _token_choice_ratios(phase: str, samples: dict, errors: dict, setting: str) 
         if peer not in samples:
             out.append(
                 ratio_record(
-                    f"peers.{peer}.{phase}",
+                    f"peers.{peer}{suffix}.{phase}",
                     "peers",
-                    f"Speedup over {peer} (peer/ours time), {PHASE_LABEL[phase]}",
+                    f"Speedup over {peer} (peer/ours time), {PHASE_LABEL[phase]}, {where}",
                     None,
                     None,
                     None,

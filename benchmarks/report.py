@@ -63,11 +63,20 @@ def _summary_line(result: dict) -> str:
 
 def _env_line(result: dict) -> str:
     env, cfg = result.get("env", {}), result.get("config", {})
+    precisions = ", ".join(cfg.get("precisions", ["float32"]))
+    layer_e = cfg.get("layer_experts")
+    experts = f"E={cfg.get('experts', '?')}" + (
+        f" (layer family: E in {{{', '.join(str(e) for e in layer_e)}}})" if layer_e else ""
+    )
+    group = cfg.get("group_size")
+    groups = "one routing group" if group is None else f"routing groups of {group} tokens"
+    thp = " THP_MEM_ALLOC_ENABLE=1," if env.get("thp_mem_alloc") == "1" else ""
     return (
-        f"{env.get('cpu_model', '?')}, {cfg.get('threads', '?')} threads, torch "
-        f"{env.get('torch', '?')}, fp32, {env.get('date', '?')}; T={cfg.get('tokens', '?')} "
-        f"tokens, D={cfg.get('dim', '?')}, F={cfg.get('hidden', '?')}, "
-        f"E={cfg.get('experts', '?')}; median of {cfg.get('repeats', '?')} interleaved repeats"
+        f"{env.get('cpu_model', '?')}, {cfg.get('threads', '?')} threads,{thp} torch "
+        f"{env.get('torch', '?')}, {precisions}, {env.get('date', '?')}; "
+        f"T={cfg.get('tokens', '?')} tokens, {groups}, D={cfg.get('dim', '?')}, "
+        f"F={cfg.get('hidden', '?')}, {experts}; "
+        f"median of {cfg.get('repeats', '?')} interleaved repeats"
         + (" (--quick)" if cfg.get("quick") else "")
     )
 

@@ -9,6 +9,7 @@ repeat before taking the median, so a slow patch of time cancels out of each rat
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import gc
 import os
@@ -28,24 +29,40 @@ class BenchConfig:
     """Every size and knob the benchmark families read, so tests can shrink all of them at once.
 
     The defaults are the target shapes: T = 16 images x 197 tokens (ViT-S/16 at 224 px with a
-    class token), D = 384, F = 1536, E = 8, fp32 on 2 threads.
+    class token), D = 384, F = 1536, routing groups of 8 images (vmoe's default), E = 32 (the
+    V-MoE paper's) for the single-E families and E in ``layer_experts`` for the layer family, in
+    float32 and under bf16 autocast, on 2 threads. The whole-model family builds a ViT-S/16 with
+    ``model_overrides`` (4 blocks instead of 12 to keep the run short; width, MLP and E as V-MoE).
     """
 
     images: int = 16
     tokens_per_image: int = 197
     dim: int = 384
     hidden: int = 1536
-    experts: int = 8
+    experts: int = 32
+    layer_experts: tuple[int, ...] = (8, 32)
+    precisions: tuple[str, ...] = ("float32", "bfloat16")
+    group_images: int | None = 8
     repeats: int = 7
     warmup: int = 1
     threads: int = 2
     seed: int = 0
     memory_repeats: int = 3
+    memory_experts: int = 8
     soft_experts: int = 32
     soft_slots: int = 1
-    model_name: str = "vmoe_s32_e8_last2"
-    model_batch: int = 32
-    model_overrides: dict[str, object] = field(default_factory=dict)
+    model_name: str = "vit_s16"
+    model_batch: int = 8
+    model_overrides: dict[str, object] = field(
+        default_factory=lambda: {
+            "num_layers": 4,
+            "moe_layers": (1, 3),
+            "num_experts": 32,
+            "top_k": 2,
+            "capacity_factor": 1.05,
+            "group_images": 8,
+        }
+    )
     compile_backend: str = "inductor"
     quick: bool = False
 
@@ -53,10 +70,31 @@ class BenchConfig:
     def tokens(self) -> int:
         return self.images * self.tokens_per_image
 
+    @property
+    def group_size(self) -> int | None:
+        """Routing group in tokens (``group_images`` whole images; None: one group)."""
+        if self.group_images is None or self.group_images >= self.images:
+            return None
+        return self.group_images * self.tokens_per_image
+
     def to_dict(self) -> dict:
         out = asdict(self)
         out["tokens"] = self.tokens
+        out["group_size"] = self.group_size
         return out
+
+
+PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+PRECISION_LABEL = {"float32": "fp32", "bfloat16": "bf16 autocast"}
+
+
+def precision(name: str) -> contextlib.AbstractContextManager:
+    """``float32``: nothing; ``bfloat16``: CPU autocast to bf16 (mixed-precision training)."""
+    if name not in PRECISIONS:
+        raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {name!r}")
+    if name == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast("cpu", dtype=PRECISIONS[name])
 
 
 def quick_config(threads: int = 2) -> BenchConfig:
@@ -226,7 +264,7 @@ def env_info(threads: int) -> dict:
         "threads": threads,
         "torch_num_threads": torch.get_num_threads(),
         "loadavg_start": load_average(),
-        "dtype": "float32",
+        "thp_mem_alloc": os.environ.get("THP_MEM_ALLOC_ENABLE", ""),
     }
 
 

@@ -94,8 +94,16 @@ def weight_grad(a_NK: Tensor, g_NM: Tensor, counts: list[int], offs: Tensor | No
     return out_EKM
 
 
-def add_bias_(x_NM: Tensor, b_EM: Tensor, counts: list[int]) -> Tensor:
-    """In place: add ``b_EM[e]`` to the rows of expert e."""
+def expert_rows(counts: list[int], device: torch.device) -> Tensor:
+    """(N,) expert of every row: ``e`` repeated ``counts[e]`` times."""
+    counts_E = torch.tensor(counts, dtype=torch.int64, device=device)
+    return torch.repeat_interleave(torch.arange(len(counts), device=device), counts_E)
+
+
+def add_bias_(x_NM: Tensor, b_EM: Tensor, counts: list[int], expert_N: Tensor | None) -> Tensor:
+    """In place: add ``b_EM[e]`` to the rows of expert e (one gather with ``expert_N``)."""
+    if expert_N is not None:
+        return x_NM.add_(b_EM.index_select(0, expert_N))
     start = 0
     for e, count in enumerate(counts):
         if count:
@@ -104,8 +112,15 @@ def add_bias_(x_NM: Tensor, b_EM: Tensor, counts: list[int]) -> Tensor:
     return x_NM
 
 
-def segment_sum(g_NM: Tensor, counts: list[int]) -> Tensor:
-    """(E, M): the sum of every expert's rows (the bias gradient); zero for experts without rows."""
+def segment_sum(g_NM: Tensor, counts: list[int], offs: Tensor | None) -> Tensor:
+    """(E, M): the sum of every expert's rows (the bias gradient); zero for experts without rows.
+
+    With ``offs`` it is one grouped GEMM, ``ones(8, N) @ g`` per expert (8 rows keep the layout
+    16-byte aligned; row 0 is used), accumulated like the weight gradients.
+    """
+    if offs is not None:
+        ones_N8 = g_NM.new_ones(g_NM.shape[0], 8)
+        return weight_grad(ones_N8, g_NM, counts, offs)[:, 0]
     out_EM = g_NM.new_zeros(len(counts), g_NM.shape[1])
     start = 0
     for e, count in enumerate(counts):
@@ -120,7 +135,8 @@ class GroupedMlp(torch.autograd.Function):
 
     Inputs share one dtype (fp32 or bf16; the caller casts) and the GEMMs run in it. Saved for
     backward: the input, the GELU input and output, as for a dense MLP. The backward is six
-    grouped GEMMs (two weight gradients, two input gradients) plus per-expert bias sums.
+    grouped GEMMs (weight, bias and input gradients of both layers), so on the ``grouped_mm``
+    path the number of launched ops does not grow with E.
     """
 
     @staticmethod
@@ -128,9 +144,10 @@ class GroupedMlp(torch.autograd.Function):
         mode = gelu_mode(variant)
         grouped = x_ND.shape[0] > 0 and use_grouped_mm(x_ND, w1_EDF, w2_EFD)
         offs = group_offsets(counts, x_ND.device) if grouped else None
-        pre_NF = add_bias_(rows_mm(x_ND, w1_EDF, counts, offs), b1_EF, counts)
+        expert_N = expert_rows(counts, x_ND.device) if grouped else None
+        pre_NF = add_bias_(rows_mm(x_ND, w1_EDF, counts, offs), b1_EF, counts, expert_N)
         act_NF = F.gelu(pre_NF, approximate=mode)
-        out_ND = add_bias_(rows_mm(act_NF, w2_EFD, counts, offs), b2_ED, counts)
+        out_ND = add_bias_(rows_mm(act_NF, w2_EFD, counts, offs), b2_ED, counts, expert_N)
         ctx.save_for_backward(x_ND, w1_EDF, w2_EFD, pre_NF, act_NF)
         ctx.counts, ctx.mode, ctx.grouped = counts, mode, grouped
         return out_ND
@@ -143,12 +160,12 @@ class GroupedMlp(torch.autograd.Function):
         grouped = ctx.grouped and use_grouped_mm(grad_ND)
         offs = group_offsets(counts, x_ND.device) if grouped else None
         gw2 = weight_grad(act_NF, grad_ND, counts, offs)
-        gb2 = segment_sum(grad_ND, counts)
+        gb2 = segment_sum(grad_ND, counts, offs)
         g_act_NF = rows_mm(grad_ND, w2_EFD.transpose(1, 2), counts, offs)
         g_pre_NF = torch.ops.aten.gelu_backward(g_act_NF, pre_NF, approximate=ctx.mode)
         del g_act_NF
         gw1 = weight_grad(x_ND, g_pre_NF, counts, offs)
-        gb1 = segment_sum(g_pre_NF, counts)
+        gb1 = segment_sum(g_pre_NF, counts, offs)
         gx = None
         if ctx.needs_input_grad[0]:
             gx = rows_mm(g_pre_NF, w1_EDF.transpose(1, 2), counts, offs)
