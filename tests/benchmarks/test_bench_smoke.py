@@ -171,3 +171,16 @@ def test_cli_main_only_gemm(tmp_path: Path, capsys, monkeypatch):
     assert code == 0
     assert (tmp_path / "perf.json").exists() and (tmp_path / "perf.md").exists()
     assert "Expert GEMM" in capsys.readouterr().out
+
+
+def test_default_settings_are_vmoe_scale():
+    from benchmarks.peers import peer_group_images
+
+    cfg = BenchConfig()
+    # 8 images of 197 tokens per routing group, E = 32, both precisions, E = 8 and 32 per layer.
+    assert cfg.group_size == 8 * 197 and cfg.experts == 32
+    assert cfg.layer_experts == (8, 32) and cfg.precisions == ("float32", "bfloat16")
+    assert peer_group_images(cfg) == [1, 8]
+    assert cfg.model_overrides["num_experts"] == 32
+    with pytest.raises(ValueError, match="'float16'"):
+        timing.precision("float16")
