@@ -12,7 +12,16 @@ from PIL import Image
 
 from visionmoe.cli.main import main
 from visionmoe.data import load_dataset
-from visionmoe.data.ops import FlipLR, InceptionCrop, RandAugment
+from visionmoe.data.ops import (
+    CentralCrop,
+    FlipLR,
+    InceptionCrop,
+    RandAugment,
+    ResizeSmall,
+    Transform,
+)
+from visionmoe.eval.inputs import eval_transform
+from visionmoe.loading import load_model
 from visionmoe.recipes import get_recipe
 from visionmoe.train.config import apply_set
 from visionmoe.train.inputs import TrainStream
@@ -121,3 +130,7 @@ def test_recipes_run_shrunk_on_a_tiny_imagenet_folder(tmp_path, tiny_model):
         assert summary["steps"] == 3 and summary["test_accuracy"] is not None
         saved = json.loads((run_dir / "config.json").read_text())
         assert saved["preprocess"]["randaug_layers"] == 2 and saved["train"]["loss"] == "sigmoid"
+    # Evaluating the run later uses its preprocess section: resize_small(36) + central_crop(32).
+    info = load_model(tmp_path / "imagenet_vmoe_s32_light1").info
+    transform = eval_transform(load_dataset("folder", tmp_path / "data").test, info)
+    assert transform == Transform(ops=(ResizeSmall(size=36), CentralCrop(size=32)))

@@ -148,8 +148,10 @@ def eval_data_config(info: ModelInfo, options: EvalOptions) -> DataConfig:
 def eval_transform(source: ImageSource, info: ModelInfo) -> SampleTransform | None:
     """How each sample of ``source`` is prepared for the model ``info`` describes."""
     pre = info.preprocess
-    if pre.pipeline == "training":
-        return training_transform(source, replace(info.model_config, image_size=pre.size))
+    if pre.pipeline == "training":  # as the run evaluated itself, its preprocess section included
+        run_preprocess = info.experiment.preprocess if info.experiment is not None else None
+        model = replace(info.model_config, image_size=pre.size)
+        return training_transform(source, model, run_preprocess)
     return Transform(ops=eval_ops(pre.size, pre.resize_small))
 
 
