@@ -184,9 +184,11 @@ def warp_nearest(image: torch.Tensor, src_y: torch.Tensor, src_x: torch.Tensor) 
     height, width, channels = image.shape
     yi, xi = _round_half_away(src_y), _round_half_away(src_x)
     inside = (yi >= 0) & (yi < height) & (xi >= 0) & (xi < width)
-    flat = (yi.clamp(0, height - 1) * width + xi.clamp(0, width - 1)).reshape(-1)
-    out = image.reshape(-1, channels).index_select(0, flat).reshape(height, width, channels)
-    return torch.where(inside.unsqueeze(-1), out, torch.tensor(FILL, dtype=torch.uint8))
+    # Outside pixels read one extra gray row appended after the image: a single gather.
+    flat = torch.where(inside, yi * width + xi, height * width).reshape(-1)
+    gray = torch.full((1, channels), FILL, dtype=torch.uint8)
+    padded = torch.cat([image.reshape(-1, channels), gray])
+    return padded.index_select(0, flat).reshape(height, width, channels)
 
 
 def translate(image: torch.Tensor, shift: int, axis: int) -> torch.Tensor:
