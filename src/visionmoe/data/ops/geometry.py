@@ -11,11 +11,11 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Callable
-from functools import lru_cache
 from os import PathLike
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 __all__ = [
     "Box",
@@ -144,44 +144,21 @@ def inception_crop(
     return resize(image[top : top + h, left : left + w], size)
 
 
-@lru_cache(maxsize=64)
-def _bilinear_taps(n_in: int, n_out: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Half-pixel source taps of one axis: ``src = (i + 0.5) * n_in / n_out - 0.5``.
-
-    Returns the lower and upper neighbour (clamped to the image) and the float32 weight of the
-    upper one; a source left of the first pixel centre reads the first pixel twice.
-    """
-    src = (torch.arange(n_out, dtype=torch.float64) + 0.5) * (n_in / n_out) - 0.5
-    low = src.floor()
-    weight = (src - low).to(torch.float32)
-    low = low.to(torch.int64)
-    return low.clamp(0, n_in - 1), (low + 1).clamp(0, n_in - 1), weight
-
-
 def resize(image: torch.Tensor, size: Size) -> torch.Tensor:
     """Bilinear resize with half-pixel centres and no antialiasing (TF2 ``tf.image.resize``).
 
     An int ``size`` gives a square output, so the aspect ratio is not kept. uint8 input is cast
     back to uint8 by truncation (floor), as the reference does; float input stays float32.
-    Separable: rows are interpolated first, then columns, in float32.
     """
     _check_image(image)
     out_h, out_w = _pair(size, "size")
-    height, width = image.shape[0], image.shape[1]
-    x = image
-    if out_h != height:
-        top_i, bottom_i, weight = _bilinear_taps(height, out_h)
-        top = x.index_select(0, top_i).to(torch.float32)
-        bottom = x.index_select(0, bottom_i).to(torch.float32)
-        x = top.add_(bottom.sub_(top).mul_(weight.view(-1, 1, 1)))
-    if out_w != width:
-        left_i, right_i, weight = _bilinear_taps(width, out_w)
-        left = x.index_select(1, left_i).to(torch.float32)
-        right = x.index_select(1, right_i).to(torch.float32)
-        x = left.add_(right.sub_(left).mul_(weight.view(1, -1, 1)))
+    x = image.permute(2, 0, 1).unsqueeze(0).to(torch.float32)  # channels-last strides: fast path
+    if (out_h, out_w) != tuple(image.shape[:2]):
+        x = F.interpolate(x, size=(out_h, out_w), mode="bilinear", align_corners=False)
+    x = x[0].permute(1, 2, 0)
     if image.dtype == torch.uint8:
-        return x.floor().to(torch.uint8) if x.dtype != torch.uint8 else x.clone()
-    return x.to(torch.float32).contiguous()
+        return x.floor_().to(torch.uint8).contiguous()
+    return x.contiguous()
 
 
 def _area_axis(x: np.ndarray, out_len: int, axis: int) -> np.ndarray:
