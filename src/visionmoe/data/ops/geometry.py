@@ -109,8 +109,13 @@ def sample_inception_box(
     If every attempt fails, the whole image is returned. ``rint`` rounds half to even.
     """
     lo_area, hi_area = area_range[0] * height * width, area_range[1] * height * width
-    draws = torch.rand((attempts, 4), generator=generator, dtype=torch.float64).tolist()
-    for u_aspect, u_height, u_top, u_left in draws:
+    # Four uniforms per attempt; the first attempt usually succeeds, so draw it on its own.
+    first = torch.rand((1, 4), generator=generator, dtype=torch.float64).tolist()
+    for attempt in range(attempts):
+        if attempt == 1:
+            rest = torch.rand((attempts - 1, 4), generator=generator, dtype=torch.float64)
+            rest = rest.tolist()
+        u_aspect, u_height, u_top, u_left = first[0] if attempt == 0 else rest[attempt - 1]
         aspect = aspect_range[0] + (aspect_range[1] - aspect_range[0]) * u_aspect
         h_min = round(math.sqrt(lo_area / aspect))
         h_max = round(math.sqrt(hi_area / aspect))
