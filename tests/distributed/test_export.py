@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import load_file
 
 from visionmoe.distributed.evaluate import eval_plan, padded
-from visionmoe.distributed.export import write_safetensors_streamed
+from visionmoe.distributed.export import wants_merged, write_safetensors_streamed
 from visionmoe.distributed.groups import DEFAULT_TIMEOUT_S
-from visionmoe.distributed.train import parse_args, wants_merged
+from visionmoe.distributed.train import parse_args
 from visionmoe.recipes import get_recipe
 from visionmoe.train.config import apply_set
 

@@ -24,9 +24,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from visionmoe.distributed.checkpoint import ShardedReader
+from visionmoe.distributed.expert_parallel import expert_parameter_names
+from visionmoe.distributed.groups import ParallelGroups
 from visionmoe.models.vit import VisionTransformer
 from visionmoe.train.checkpoint import (
     FORMAT_VERSION,
@@ -156,6 +158,23 @@ def export_merged(
 def state_bytes(num_params: int, optimizer_slots: int) -> int:
     """Bytes of float32 weights plus ``optimizer_slots`` float32 tensors per weight."""
     return 4 * num_params * (1 + optimizer_slots)
+
+
+def count_parameters(model: nn.Module, groups: ParallelGroups) -> int:
+    """Parameters of the single-process model (DTensors count globally, experts N times)."""
+    experts = expert_parameter_names(model)
+    return sum(
+        p.numel() * (groups.expert_parallel if name in experts else 1)
+        for name, p in model.named_parameters()
+    )
+
+
+def wants_merged(config: ExperimentConfig, num_params: int) -> bool:
+    """Whether the run ends by writing the single-file checkpoint (``parallel`` config)."""
+    if config.parallel.merged_checkpoint is not None:
+        return config.parallel.merged_checkpoint
+    slots = 2 if config.optim.name == "adamw" else 1
+    return state_bytes(num_params, slots) <= config.parallel.merged_checkpoint_max_gb * 2**30
 
 
 def main(argv: list[str] | None = None) -> int:

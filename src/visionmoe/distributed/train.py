@@ -44,8 +44,8 @@ from visionmoe.distributed.data_parallel import (
     wrap_data_parallel,
 )
 from visionmoe.distributed.evaluate import eval_plan, evaluate_sharded
-from visionmoe.distributed.expert_parallel import expert_parameter_names, shard_moe_experts
-from visionmoe.distributed.export import export_merged, state_bytes
+from visionmoe.distributed.expert_parallel import shard_moe_experts
+from visionmoe.distributed.export import count_parameters, export_merged, wants_merged
 from visionmoe.distributed.groups import (
     DEFAULT_TIMEOUT_S,
     ParallelGroups,
@@ -149,23 +149,6 @@ def _with_dataset_classes(config: ExperimentConfig, num_classes: int) -> Experim
         return config
     model = apply_overrides(config.model, num_classes=num_classes)
     return ExperimentConfig(**{**config.__dict__, "model": model})
-
-
-def count_parameters(model: torch.nn.Module, groups: ParallelGroups) -> int:
-    """Parameters of the single-process model (DTensors count globally, experts N times)."""
-    experts = expert_parameter_names(model)
-    return sum(
-        p.numel() * (groups.expert_parallel if name in experts else 1)
-        for name, p in model.named_parameters()
-    )
-
-
-def wants_merged(config: ExperimentConfig, num_params: int) -> bool:
-    """Whether the run ends by writing the single-file checkpoint (``parallel`` config)."""
-    if config.parallel.merged_checkpoint is not None:
-        return config.parallel.merged_checkpoint
-    slots = 2 if config.optim.name == "adamw" else 1
-    return state_bytes(num_params, slots) <= config.parallel.merged_checkpoint_max_gb * 2**30
 
 
 def _evaluate(
