@@ -225,3 +225,11 @@ def test_compile_tensorboard_and_speed_fields_in_a_run(tmp_path, tiny_model, mon
     assert [e.step for e in loss] == [2, 4]
     assert loss[-1].value == pytest.approx(train_lines[-1]["train/loss"], rel=1e-6)
     assert "eval/digits/accuracy" in events.Tags()["scalars"]
+
+
+def test_auto_dispatch_is_static_off_the_cpu():
+    # On an accelerator the index path must not size buffers from the data (no host sync).
+    from visionmoe.layers.dispatch import resolve_dispatch
+
+    assert resolve_dispatch("auto", torch.empty(2, device="meta")) == "static"
+    assert resolve_dispatch("auto", torch.empty(2)) == "compact"
