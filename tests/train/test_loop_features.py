@@ -233,3 +233,21 @@ def test_auto_dispatch_is_static_off_the_cpu():
 
     assert resolve_dispatch("auto", torch.empty(2, device="meta")) == "static"
     assert resolve_dispatch("auto", torch.empty(2)) == "compact"
+
+
+def test_bf16_training_forward_uses_the_updated_weights():
+    # A bf16 forward of the trained model equals the same forward of a fresh copy built from its
+    # state dict: nothing cached from before the optimizer steps (e.g. low-precision casts of
+    # the expert weights) may survive them.
+    config = _config("train.precision=bf16", "train.batch_size=8", "optim.lr=0.05")
+    torch.manual_seed(0)
+    model = visionmoe.create_model("vmoe_debug", dispatch="static", noise_std=0.0)
+    optimizer = build_optimizer(model, config.optim)
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    for _ in range(3):
+        train_step_device(model, optimizer, x, y, config)
+    fresh = visionmoe.create_model("vmoe_debug", dispatch="static", noise_std=0.0)
+    fresh.load_state_dict(model.state_dict())
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        trained_out, fresh_out = model.eval()(x), fresh.eval()(x)
+    assert torch.equal(trained_out, fresh_out)

@@ -36,9 +36,25 @@ def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.Optimi
         if fused_available(model):
             # One kernel for the whole update, and the step counters live on the parameters'
             # device: the for-each version reads them on the host every step.
-            return torch.optim.AdamW(groups, fused=True, **kwargs)
+            optimizer = torch.optim.AdamW(groups, fused=True, **kwargs)
+            optimizer.register_step_post_hook(mark_params_modified)
+            return optimizer
         return torch.optim.AdamW(groups, foreach=True, **kwargs)
     return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, foreach=True)
+
+
+def mark_params_modified(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    """Bump the version counter of every parameter after a fused step.
+
+    The fused AdamW kernel updates parameters in place without bumping their autograd version
+    counters (torch 2.13), so anything keyed on ``(data_ptr, _version)`` -- such as the cached
+    bf16 expert weights of :meth:`visionmoe.layers.experts.Experts.weights` -- would keep serving
+    the weights of the first step: bf16 training would run its experts on stale weights and the
+    saved checkpoint would not be the model that was evaluated.
+    """
+    torch.autograd.graph.increment_version(
+        [p for group in optimizer.param_groups for p in group["params"]]
+    )
 
 
 def fused_available(model: nn.Module) -> bool:
