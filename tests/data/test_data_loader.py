@@ -182,3 +182,25 @@ def test_ops_transform_gets_the_encoded_file_and_corrupt_files_are_skipped(tmp_p
     # Flat images: any crop of image i holds only its value 10 * i.
     assert sorted(batch["images"][:, 0, 0, 0].tolist()) == [0, 10, 30]
     assert len(batch["skipped"]) == 1 and "2.png" in batch["skipped"][0]
+
+
+class Stuck:
+    """A source whose reads stall (a hung network mount, say) past the loader timeout."""
+
+    labels = np.zeros(4, dtype=np.int64)
+    class_names = ["only"]
+
+    def __len__(self) -> int:
+        return 4
+
+    def read(self, index: int) -> np.ndarray:
+        import time
+
+        time.sleep(3)  # longer than the timeout; short so the worker exits soon after
+        return np.zeros((1, 1, 1), dtype=np.uint8)
+
+
+def test_a_stuck_worker_is_an_error_not_a_hang():
+    loader = make_loader(EvalBatches(Stuck(), 4, SEED), range(1), num_workers=1, timeout_s=1)
+    with pytest.raises(RuntimeError, match="timed out after 1 seconds"):
+        next(iter(loader))
