@@ -200,6 +200,7 @@ class TrainStream:
         ``y`` is ``(n,)`` class indices, or ``(n, num_classes)`` soft targets with mixup on.
         """
         if self._iterator is None or step != self._next_step:
+            self.close()
             self._iterator = self._loader(step)
         batch = next(self._iterator)
         if batch["step"] != step:
