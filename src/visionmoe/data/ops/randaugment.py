@@ -175,17 +175,23 @@ def _grid(height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
     return ys, xs
 
 
-def _round_half_away(v: torch.Tensor) -> torch.Tensor:
-    return torch.copysign((v.abs() + 0.5).floor(), v).to(torch.int64)
+def _nearest(v: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest index (rounding half away from zero) of source coordinates, and which are inside.
+
+    ``floor(v + 0.5)`` is that rounding for ``v > -0.5``; ``v = -0.5`` rounds to -1 (outside)
+    and anything below is outside either way, so ``inside = -0.5 < v < size - 0.5``.
+    """
+    inside = (v > -0.5) & (v < size - 0.5)
+    return (v + 0.5).floor_().to(torch.int64), inside
 
 
 def warp_nearest(image: torch.Tensor, src_y: torch.Tensor, src_x: torch.Tensor) -> torch.Tensor:
     """``out[y, x] = image[round(src_y), round(src_x)]``, gray where the source is outside."""
     height, width, channels = image.shape
-    yi, xi = _round_half_away(src_y), _round_half_away(src_x)
-    inside = (yi >= 0) & (yi < height) & (xi >= 0) & (xi < width)
+    yi, inside_y = _nearest(src_y, height)
+    xi, inside_x = _nearest(src_x, width)
     # Outside pixels read one extra gray row appended after the image: a single gather.
-    flat = torch.where(inside, yi * width + xi, height * width).reshape(-1)
+    flat = torch.where(inside_y & inside_x, yi * width + xi, height * width).reshape(-1)
     gray = torch.full((1, channels), FILL, dtype=torch.uint8)
     padded = torch.cat([image.reshape(-1, channels), gray])
     return padded.index_select(0, flat).reshape(height, width, channels)
@@ -260,7 +266,7 @@ def smooth(image: torch.Tensor) -> torch.Tensor:
     total = 4.0 * x[1:-1, 1:-1]
     for dy in range(3):
         for dx in range(3):
-            total = total + x[dy : height - 2 + dy, dx : width - 2 + dx]
+            total.add_(x[dy : height - 2 + dy, dx : width - 2 + dx])
     out = x.clone()
     out[1:-1, 1:-1] = (total / 13.0).clamp_(0, 255).floor_()
     return out
@@ -268,8 +274,8 @@ def smooth(image: torch.Tensor) -> torch.Tensor:
 
 def blend(degenerate: torch.Tensor, image: torch.Tensor, factor: float) -> torch.Tensor:
     """``a + factor * (b - a)`` in float32, clipped to [0, 255] and truncated to uint8."""
-    x = image.to(torch.float32)
-    return (degenerate + factor * (x - degenerate)).clamp_(0, 255).to(torch.uint8)
+    x = image.to(torch.float32)  # a fresh tensor: updated in place
+    return x.sub_(degenerate).mul_(factor).add_(degenerate).clamp_(0, 255).to(torch.uint8)
 
 
 def auto_contrast(image: torch.Tensor) -> torch.Tensor:
