@@ -2,8 +2,8 @@
 
 Usage::
 
-    python -m benchmarks.run                 # full run (< 15 min on 2 cores)
-    python -m benchmarks.run --quick         # CI smoke (< 2 min): 4 images, 3 repeats
+    python -m benchmarks.run                 # full run (a few minutes on 2 quiet cores)
+    python -m benchmarks.run --quick         # CI smoke: 4 images, 3 repeats
     python -m benchmarks.run --only layer peers --threads 4 --out /tmp/perf
 
 One process on purpose: every contender sees the same allocator, thread pool and machine state,

@@ -43,7 +43,7 @@ class BenchConfig:
     layer_experts: tuple[int, ...] = (8, 32)
     precisions: tuple[str, ...] = ("float32", "bfloat16")
     group_images: int | None = 8
-    repeats: int = 7
+    repeats: int = 5
     warmup: int = 1
     threads: int = 2
     seed: int = 0
