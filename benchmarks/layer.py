@@ -5,10 +5,9 @@ Families (performance targets 1, 3, 4):
 - ``layer``: forward+backward time of the MoE layer divided by that of a dense MLP with ``K * F``
   hidden units (the same active FLOPs when no token is dropped) on the same tokens, for every E in
   ``cfg.layer_experts`` and every precision in ``cfg.precisions`` (fp32, bf16 autocast), routing
-  groups of ``cfg.group_images`` images. Weights do not change between repeats (no optimizer
-  step), so under autocast the cached bf16 copy of the expert weights is reused, as in
-  inference or gradient-accumulation micro-steps; the dense layer's weights are cast by autocast
-  on every call (D x KF elements, E/K times fewer). The per-step cast is in the ``model`` family.
+  groups of ``cfg.group_images`` images. Under autocast both layers cast their weights on every
+  training forward (the MoE's E x D x F x 2 elements, E/K times the dense layer's); only
+  inference reuses a cached bf16 copy of the expert weights.
 - ``bpr``: eval-mode, no-grad time at capacity factor 0.5 over that at 1.0, top-2 with BPR, for
   every E in ``cfg.layer_experts``. With the compact dispatch, compute follows capacity, so the
   ideal ratio is about 0.5 plus routing.

@@ -135,16 +135,22 @@ def test_low_precision_weight_cache_follows_parameter_updates():
     experts = Experts(4, 16, 32, expert_init="independent")
     x_ECD = torch.randn(4, 3, 16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        before = experts(x_ECD)
-        again = experts(x_ECD)
-    assert torch.equal(before, again)
+        experts(x_ECD)  # training with grad: cast on every call, nothing cached
+        assert experts._cast_cache is None
+        experts.eval()
+        with torch.no_grad():
+            before = experts(x_ECD)
+            assert experts._cast_cache is not None
+            assert torch.equal(experts(x_ECD), before)
     with torch.no_grad():
-        experts.w2.mul_(2.0)  # an optimizer step: in place, version counter bumps
+        experts.w2.mul_(2.0)  # an in-place update bumps the version counter
         experts.b2.mul_(2.0)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
         after = experts(x_ECD)
     # y = act @ W2 + b2 is linear in (W2, b2): doubling both doubles y (exact in bf16).
     assert torch.equal(after, 2 * before)
     experts.load_state_dict({k: torch.zeros_like(v) for k, v in experts.state_dict().items()})
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
         assert experts(x_ECD).abs().max() == 0
+    experts.train()
+    assert experts._cast_cache is None

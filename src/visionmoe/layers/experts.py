@@ -67,17 +67,21 @@ class Experts(nn.Module):
     def weights(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """``(w1, b1, w2, b2)`` in ``dtype``; gradients flow back to the parameters.
 
-        A cast to a lower precision (bf16 autocast) is cached while the parameters are unchanged
-        (same storage, same version counter; an optimizer step or ``load_state_dict`` bumps the
-        version), so inference and gradient-accumulation micro-steps cast E x D x F x 2 weights
-        once instead of on every forward. The copy stays alive between calls (half the bytes of
-        the fp32 weights); set ``cache_casts = False`` to cast on every call instead. Under
-        ``torch.compile`` the cast is a plain ``.to`` that the compiler fuses.
+        For inference (eval mode or grad disabled) a cast to a lower precision (bf16 autocast) is
+        cached while the parameters are unchanged (same storage, same version counter), so
+        E x D x F x 2 weights are cast once, not on every forward; ``train()`` / ``eval()`` drop
+        the cache. In training with grad enabled the weights are cast on every forward: an
+        optimizer step changes them anyway, and fused optimizer kernels update parameters in
+        place without bumping their version counters (torch 2.13), which would leave a cached
+        copy stale. The cached copy stays alive between calls (half the bytes of the fp32
+        weights); ``cache_casts = False`` turns caching off. Under ``torch.compile`` the cast is
+        a plain ``.to`` that the compiler fuses.
         """
         params = (self.w1, self.b1, self.w2, self.b2)
         if dtype == self.w1.dtype:
             return params
-        if torch.compiler.is_compiling() or not self.cache_casts:
+        training = self.training and torch.is_grad_enabled()
+        if torch.compiler.is_compiling() or not self.cache_casts or training:
             return tuple(p.to(dtype) for p in params)
         key = (dtype, tuple((p.data_ptr(), p._version) for p in params))
         cached = self._cast_cache
@@ -86,6 +90,10 @@ class Experts(nn.Module):
                 cached = (key, tuple(p.detach().to(dtype) for p in params))
             self._cast_cache = cached
         return tuple(_CachedCast.apply(p, low) for p, low in zip(params, cached[1], strict=True))
+
+    def train(self, mode: bool = True) -> Experts:
+        self._cast_cache = None  # a mode switch often brackets weight updates
+        return super().train(mode)
 
     def forward(self, x_ECD: Tensor) -> Tensor:
         """All experts on fixed-size buffers: one batched matmul per layer, in the compute dtype."""
