@@ -121,7 +121,8 @@ def test_folder_errors_name_the_path(tmp_path: Path):
     (tmp_path / "a" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     splits = load_image_folder(tmp_path, test_fraction=0.5)  # indexing reads no pixels
     sources = [(s, i) for s in (splits.train, splits.test) for i in range(len(s))]
-    broken = [(s, i) for s, i in sources if s.base.path(s.indices[i]).endswith("broken.png")]
+    broken = [(s, i) for s, i in sources if s.encoded(i).endswith("broken.png")]
+    assert all(s.describe(i) == s.base.path(s.indices[i]) for s, i in sources)
     assert len(broken) == 1
     with pytest.raises(CorruptImageError, match="broken.png") as excinfo:
         broken[0][0].read(broken[0][1])

@@ -204,3 +204,14 @@ def test_a_stuck_worker_is_an_error_not_a_hang():
     loader = make_loader(EvalBatches(Stuck(), 4, SEED), range(1), num_workers=1, timeout_s=1)
     with pytest.raises(RuntimeError, match="timed out after 1 seconds"):
         next(iter(loader))
+
+
+def test_subset_forwards_only_what_its_base_has(tmp_path: Path):
+    from visionmoe.data import Subset
+
+    files = Subset(write_files(tmp_path), np.array([3, 1]))
+    assert files.encoded(0) == str(tmp_path / "3.png") and files.describe(1).endswith("1.png")
+    arrays = Subset(indexed_dataset(), np.array([5]))
+    assert not hasattr(arrays, "encoded") and ids(
+        {"images": torch.from_numpy(arrays.read(0))[None]}
+    ) == [5]

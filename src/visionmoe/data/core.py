@@ -153,6 +153,14 @@ class Subset:
     def read(self, index: int) -> np.ndarray:
         return self.base.read(int(self.indices[index]))
 
+    def __getattr__(self, name: str):
+        # Forward the optional per-sample methods (``encoded``, ``describe``) only where the base
+        # has them, so ``hasattr(subset, "encoded")`` answers as the base would.
+        if name in ("encoded", "describe"):
+            method = getattr(self.base, name)
+            return lambda index: method(int(self.indices[index]))
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
 
 @dataclass
 class DatasetSplits:
