@@ -52,7 +52,7 @@ def write_imagenet_folder(root: Path, per_class: int) -> None:
     (root / "train" / "n01440764" / "n01440764_bad.JPEG").write_bytes(b"\xff\xd8\xff truncated")
 
 
-def test_train_on_an_imagenet_layout_folder_skips_a_corrupt_image(tmp_path, tiny_model, capsys):
+def test_train_on_an_imagenet_layout_folder_skips_a_corrupt_image(tmp_path, tiny_model, caplog):
     write_imagenet_folder(tmp_path / "data", per_class=12)
     run_dir = tmp_path / "run"
     argv = ["train", "--recipe", "digits_vmoe", "--data", str(tmp_path / "data"), "--no-progress"]
@@ -65,4 +65,7 @@ def test_train_on_an_imagenet_layout_folder_skips_a_corrupt_image(tmp_path, tiny
     # 25 files, batch 25: every step's batch holds the corrupt file once and skips it.
     skipped = [r["data/skipped_images"] for r in records if "data/skipped_images" in r]
     assert skipped and skipped[-1] == 6
+    # Counted at every step, named in the log once.
+    named = [r.getMessage() for r in caplog.records if "n01440764_bad.JPEG" in r.getMessage()]
+    assert len(named) == 1 and named[0].startswith("skipped unreadable image: ")
     assert json.loads((run_dir / "classes.json").read_text()) == ["n01440764", "n01443537"]

@@ -169,6 +169,7 @@ class TrainStream:
         )
         self.mixup = config.preprocess.mixup_config()
         self.skipped = 0
+        self._named: set[str] = set()
         self._iterator: Iterator[dict] | None = None
         self._next_step = -1
 
@@ -187,12 +188,17 @@ class TrainStream:
         )
 
     def note_skipped(self, messages: list[str]) -> None:
+        """Count every skip; name each of the first few distinct files once (each epoch skips a
+        corrupt file again)."""
         for message in messages:
             self.skipped += 1
-            if self.skipped <= _SHOWN_SKIPS:
+            if message in self._named:
+                continue
+            if len(self._named) < _SHOWN_SKIPS:
                 log.warning("skipped unreadable image: %s", message)
-            elif self.skipped == _SHOWN_SKIPS + 1:
+            elif len(self._named) == _SHOWN_SKIPS:
                 log.warning("more unreadable images skipped; see data/skipped_images")
+            self._named.add(message)
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(x (n, C, H, W) float, y, positions (n,))`` of this rank at ``step``.
