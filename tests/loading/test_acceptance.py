@@ -104,6 +104,10 @@ def test_transfer_recipes_fine_tune_a_tiny_stand_in(
     # The recipe's released settings survive the shrinking overrides.
     assert config["optim"]["name"] == "sgd" and config["optim"]["grad_clip"] == 10.0
     assert config["model"]["moe"]["capacity_factor"] == 1.5
+    # PIPELINE.md section 1: inception crop + flip to train, a square resize to evaluate.
+    pp = config["preprocess"]
+    assert pp["inception_crop"] and pp["flip"] and pp["eval_resize_small"] is None
+    assert pp["randaug_layers"] == 0 and pp["mixup_concentration"] == 0.0
     assert config["model"]["num_classes"] == 3  # the folder's classes: a new head
     assert any("head" in note for note in summary["init_notes"])
     assert any("position embedding" in note for note in summary["init_notes"])

@@ -9,9 +9,9 @@ from it), a run directory or a checkpoint.
 
 Not reproduced here: the published accuracies in the docstrings are the released configs' own,
 measured on TPUs with their input pipelines; these recipes were only run on tiny stand-ins in
-the tests. The training input pipeline here resizes and flips; the released configs use
-``inception_crop(S) | flip_lr``. Batch 1024 at 384 px needs accelerators with large memory (use
-``--set train.grad_accum=N`` to split a step).
+the tests. Training samples go through ``inception_crop(S) | flip_lr`` and evaluation through a
+square ``resize(S)``, as in the released configs (PIPELINE.md section 1). Batch 1024 at 384 px
+needs accelerators with large memory (use ``--set train.grad_accum=N`` to split a step).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import Any
 
 from visionmoe.convert.presets import get_preset
 from visionmoe.convert.vmoe_params import vmoe_model_config
+from visionmoe.data.ops import PreprocessConfig
 from visionmoe.models.config import ViTConfig
 from visionmoe.recipes.registry import recipe
 from visionmoe.train.config import (
@@ -29,6 +30,10 @@ from visionmoe.train.config import (
     ScheduleConfig,
     TrainConfig,
 )
+
+# The released fine-tuning pipelines: inception crop + flip for training, square resize for
+# evaluation (eval_resize_small=None), no RandAugment, no mixup.
+_FT_PREPROCESS = PreprocessConfig(inception_crop=True, flip=True)
 
 # The released fine-tuning runs: capacity factor 1.5 in training and at evaluation.
 _FT_ROUTING = {"capacity_factor": 1.5, "eval_capacity_factor": 1.5, "batch_priority": False}
@@ -53,6 +58,7 @@ def _transfer(
         name=name,
         model=model,
         data=data,
+        preprocess=_FT_PREPROCESS,
         optim=OptimConfig(name="sgd", lr=lr, momentum=0.9, weight_decay=0.0, grad_clip=10.0),
         schedule=ScheduleConfig(name="cosine", warmup_steps=warmup, end_lr=1e-5),
         train=TrainConfig(
@@ -91,7 +97,7 @@ def vmoe_s32_ilsvrc2012_ft384() -> ExperimentConfig:
     return _transfer(
         "vmoe_s32_ilsvrc2012_ft384",
         model,
-        DataConfig(kind="folder", hflip=True),
+        DataConfig(kind="folder"),
         steps=10_000,
         lr=3e-3,
         warmup=500,
@@ -119,7 +125,7 @@ def vmoe_b16_cifar10_ft128() -> ExperimentConfig:
     return _transfer(
         "vmoe_b16_cifar10_ft128",
         model,
-        DataConfig(kind="cifar10", hflip=True),
+        DataConfig(kind="cifar10"),
         steps=1000,
         lr=1.5e-3,
         warmup=100,
@@ -156,7 +162,7 @@ def eee_s32_cifar100_ft128() -> ExperimentConfig:
     return _transfer(
         "eee_s32_cifar100_ft128",
         model,
-        DataConfig(kind="cifar100", hflip=True),
+        DataConfig(kind="cifar100"),
         steps=2000,
         lr=5e-3,
         warmup=200,
