@@ -16,7 +16,6 @@ import argparse
 import json
 import math
 import os
-import shutil
 import struct
 import sys
 import tempfile
@@ -33,10 +32,9 @@ from visionmoe.models.vit import VisionTransformer
 from visionmoe.train.checkpoint import (
     FORMAT_VERSION,
     CheckpointError,
-    _fsync_dir,
     _sha256,
-    atomic_write_text,
     optimizer_to_flat,
+    publish_checkpoint_dir,
 )
 from visionmoe.train.config import ExperimentConfig
 from visionmoe.train.optim import build_optimizer
@@ -142,17 +140,7 @@ def export_merged(
         "optimizer": optimizer_meta,
         "sha256": {f: _sha256(tmp / f) for f in ("model.safetensors", "optimizer.safetensors")},
     }
-    atomic_write_text(tmp / "meta.json", json.dumps(meta, indent=1, sort_keys=True))
-    _fsync_dir(tmp)
-    final = root / name
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(root)
-    atomic_write_text(root / "latest", name)
-    for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
+    return publish_checkpoint_dir(tmp, root, name, meta, keep)
 
 
 def state_bytes(num_params: int, optimizer_slots: int) -> int:

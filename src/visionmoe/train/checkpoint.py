@@ -147,6 +147,12 @@ def save_checkpoint(
         with open(tmp / filename, "rb+") as f:
             os.fsync(f.fileno())
         meta["sha256"][filename] = _sha256(tmp / filename)
+    return publish_checkpoint_dir(tmp, root, name, meta, keep)
+
+
+def publish_checkpoint_dir(tmp: Path, root: Path, name: str, meta: dict, keep: int) -> Path:
+    """Write ``meta.json`` into the finished ``tmp`` folder, rename it to ``root/name``, point
+    ``root/latest`` at it and delete all but the newest ``keep`` ``step_*`` folders."""
     atomic_write_text(tmp / "meta.json", json.dumps(meta, indent=1, sort_keys=True))
     _fsync_dir(tmp)
     final = root / name
@@ -155,8 +161,7 @@ def save_checkpoint(
     os.replace(tmp, final)
     _fsync_dir(root)
     atomic_write_text(root / "latest", name)
-    complete = sorted(p for p in root.glob("step_*") if p.is_dir())
-    for old in complete[:-keep]:
+    for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     for stale in root.glob(".tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
