@@ -27,6 +27,8 @@ from benchmarks.timing import (
     timing_ratio,
 )
 from visionmoe.models import dense_twin
+from visionmoe.train.config import OptimConfig
+from visionmoe.train.optim import build_optimizer
 
 INFER_TARGET = 0.9
 TRAIN_TARGET = 0.9
@@ -54,7 +56,9 @@ def run_model(cfg: BenchConfig) -> dict:
     torch.manual_seed(cfg.seed)
     images = torch.randn(batch, config.in_chans, config.image_size, config.image_size)
     labels = torch.randint(0, max(config.num_classes, 1), (batch,))
-    optimizers = {k: torch.optim.AdamW(m.parameters(), lr=LR) for k, m in models.items()}
+    # The optimizer `visionmoe train` builds: AdamW, fused where the parameters allow it.
+    optim = OptimConfig(lr=LR)
+    optimizers = {k: build_optimizer(m, optim) for k, m in models.items()}
     params = {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()}
     results, ratios = {}, []
     twin = f"dense twin: {config.moe.top_k}x-wide MLP at blocks {list(config.moe_layers)}"
