@@ -35,6 +35,7 @@ from benchmarks.timing import (
     ratio_record,
     set_threads,
 )
+from visionmoe.cpu_memory import keep_freed_memory
 
 FAMILIES: dict[str, Callable[[BenchConfig], dict]] = {
     "layer": run_layer,
@@ -53,6 +54,7 @@ def run_all(
 ) -> dict:
     """Run the chosen families (all by default) and return the ``perf.json`` dict."""
     set_threads(cfg.threads)
+    keep_freed_memory()  # as every visionmoe command on CPU does; applies to all contenders
     names = list(FAMILIES) if families is None else list(families)
     unknown = sorted(set(names) - set(FAMILIES))
     if unknown:

@@ -16,6 +16,8 @@ import sys
 
 import torch
 
+from visionmoe.cpu_memory import keep_freed_memory
+
 PRECISIONS = ("fp32", "bf16")
 
 
@@ -53,7 +55,10 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
 
 
 def configure_backends(device: torch.device) -> None:
-    """TF32 for float32 matmuls and cuDNN convolutions on CUDA (no effect on CPU)."""
+    """TF32 for float32 matmuls and cuDNN convolutions on CUDA; on CPU, freed memory is kept
+    for reuse (:func:`visionmoe.cpu_memory.keep_freed_memory`)."""
+    if device.type == "cpu":
+        keep_freed_memory()
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 tensor cores for float32 matmuls
         torch.backends.cudnn.allow_tf32 = True

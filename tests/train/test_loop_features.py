@@ -233,6 +233,9 @@ def test_auto_dispatch_is_static_off_the_cpu():
 
     assert resolve_dispatch("auto", torch.empty(2, device="meta")) == "static"
     assert resolve_dispatch("auto", torch.empty(2)) == "compact"
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # one bmm beats E small GEMMs in bf16
+        assert resolve_dispatch("auto", torch.empty(2)) == "static"
+    assert resolve_dispatch("compact", torch.empty(2, dtype=torch.bfloat16)) == "compact"
 
 
 def test_bf16_training_forward_uses_the_updated_weights():

@@ -21,6 +21,8 @@ import torch.distributed as dist
 from torch.distributed import ProcessGroup
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from visionmoe.runtime import configure_backends
+
 # Generous: long data loading or a checkpoint write must not kill a healthy job.
 DEFAULT_TIMEOUT_S = 1800.0
 MESH_AXES = ("dp", "ep")
@@ -111,6 +113,7 @@ def init_distributed(
     if not dist.is_initialized():
         kwargs = {"device_id": device} if backend == "nccl" else {}
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s), **kwargs)
+    configure_backends(device)
     return device
 
 

@@ -112,15 +112,12 @@ def add_bias_(x_NM: Tensor, b_EM: Tensor, counts: list[int], expert_N: Tensor | 
     return x_NM
 
 
-def segment_sum(g_NM: Tensor, counts: list[int], offs: Tensor | None) -> Tensor:
+def segment_sum(g_NM: Tensor, counts: list[int]) -> Tensor:
     """(E, M): the sum of every expert's rows (the bias gradient); zero for experts without rows.
 
-    With ``offs`` it is one grouped GEMM, ``ones(8, N) @ g`` per expert (8 rows keep the layout
-    16-byte aligned; row 0 is used), accumulated like the weight gradients.
+    One reduction per non-empty expert (accumulated in float32 for bf16 inputs): measured 2-3x
+    faster than a grouped GEMM with a column of ones at E in {8, 32}, fp32 and bf16.
     """
-    if offs is not None:
-        ones_N8 = g_NM.new_ones(g_NM.shape[0], 8)
-        return weight_grad(ones_N8, g_NM, counts, offs)[:, 0]
     out_EM = g_NM.new_zeros(len(counts), g_NM.shape[1])
     start = 0
     for e, count in enumerate(counts):
@@ -160,12 +157,12 @@ class GroupedMlp(torch.autograd.Function):
         grouped = ctx.grouped and use_grouped_mm(grad_ND)
         offs = group_offsets(counts, x_ND.device) if grouped else None
         gw2 = weight_grad(act_NF, grad_ND, counts, offs)
-        gb2 = segment_sum(grad_ND, counts, offs)
+        gb2 = segment_sum(grad_ND, counts)
         g_act_NF = rows_mm(grad_ND, w2_EFD.transpose(1, 2), counts, offs)
         g_pre_NF = torch.ops.aten.gelu_backward(g_act_NF, pre_NF, approximate=ctx.mode)
         del g_act_NF
         gw1 = weight_grad(x_ND, g_pre_NF, counts, offs)
-        gb1 = segment_sum(g_pre_NF, counts, offs)
+        gb1 = segment_sum(g_pre_NF, counts)
         gx = None
         if ctx.needs_input_grad[0]:
             gx = rows_mm(g_pre_NF, w1_EDF.transpose(1, 2), counts, offs)

@@ -118,7 +118,8 @@ def split_groups(num_tokens: int, group_size: int | None) -> list[GroupSplit]:
         raise ValueError(
             f"group_size must be a positive integer (tokens) or None, got {group_size!r}"
         )
-    full, rest = divmod(num_tokens, group_size)
+    # // and %, not divmod: under torch.compile with dynamic shapes num_tokens is a SymInt.
+    full, rest = num_tokens // group_size, num_tokens % group_size
     splits = [GroupSplit(0, full, group_size)]
     if rest:
         splits.append(GroupSplit(full * group_size, 1, rest))
