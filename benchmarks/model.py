@@ -13,6 +13,8 @@ autocast it includes casting the updated expert weights once per step.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -49,6 +51,17 @@ def build_models(cfg: BenchConfig) -> tuple[dict[str, nn.Module], object]:
     return {"moe": moe, "dense": dense}, config
 
 
+def train_step(model: nn.Module, opt, images, labels, prec: str) -> None:
+    """One step of ``visionmoe train``: forward (autocast for bf16), backward, optimizer."""
+    model.train()
+    with precision(prec):
+        logits, aux = model(images, return_aux=True)
+        loss = F.cross_entropy(logits.float(), labels) + aux.loss
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
 def run_model(cfg: BenchConfig) -> dict:
     """Images/s of the MoE model over its dense twin: inference and one AdamW training step."""
     models, config = build_models(cfg)
@@ -74,18 +87,7 @@ def run_model(cfg: BenchConfig) -> dict:
             return run
 
         def train(key: str, prec: str = prec):
-            model, opt = models[key], optimizers[key]
-
-            def run() -> None:
-                model.train()
-                with precision(prec):
-                    logits, aux = model(images, return_aux=True)
-                    loss = F.cross_entropy(logits.float(), labels) + aux.loss
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-
-            return run
+            return partial(train_step, models[key], optimizers[key], images, labels, prec)
 
         infer_s = compare({k: infer(m) for k, m in models.items()}, cfg.repeats, cfg.warmup)
         train_s = compare({k: train(k) for k in models}, cfg.repeats, cfg.warmup)

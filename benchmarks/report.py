@@ -5,6 +5,8 @@ Kept free of torch imports so the README can be regenerated from a saved JSON an
 
 from __future__ import annotations
 
+from benchmarks.profile import render_profiles
+
 FAMILY_TITLES = {
     "layer": "1. MoE layer vs dense FFN (equal active FLOPs)",
     "peers": "2. vs peer libraries",
@@ -71,8 +73,9 @@ def _env_line(result: dict) -> str:
     group = cfg.get("group_size")
     groups = "one routing group" if group is None else f"routing groups of {group} tokens"
     thp = " THP_MEM_ALLOC_ENABLE=1," if env.get("thp_mem_alloc") == "1" else ""
+    alloc = f" CPU allocator: {env['cpu_allocator']}," if env.get("cpu_allocator") else ""
     return (
-        f"{env.get('cpu_model', '?')}, {cfg.get('threads', '?')} threads,{thp} torch "
+        f"{env.get('cpu_model', '?')}, {cfg.get('threads', '?')} threads,{thp}{alloc} torch "
         f"{env.get('torch', '?')}, {precisions}, {env.get('date', '?')}; "
         f"T={cfg.get('tokens', '?')} tokens, {groups}, D={cfg.get('dim', '?')}, "
         f"F={cfg.get('hidden', '?')}, {experts}; "
@@ -136,6 +139,9 @@ def render_markdown(result: dict) -> str:
     times = _absolute_times(result)
     if times:
         out += ["", "## Absolute medians", "", times]
+    profiles = result.get("results", {}).get("profile")
+    if profiles:
+        out += ["", "## Where the time goes (torch.profiler)", "", render_profiles(profiles)]
     errors = {
         f"{family}.{name}": msg
         for family, errs in result.get("errors", {}).items()

@@ -25,6 +25,7 @@ from benchmarks.layer import run_bpr, run_gemm, run_layer
 from benchmarks.memory import run_memory
 from benchmarks.model import run_model
 from benchmarks.peers import run_peers
+from benchmarks.profile import run_profile
 from benchmarks.report import render_markdown, render_table
 from benchmarks.timing import (
     BenchConfig,
@@ -45,6 +46,7 @@ FAMILIES: dict[str, Callable[[BenchConfig], dict]] = {
     "memory": run_memory,
     "model": run_model,
     "compile": run_compile,
+    "profile": run_profile,
 }
 DEFAULT_OUT = Path("benchmarks/results")
 

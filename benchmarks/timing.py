@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from visionmoe.cpu_memory import keep_freed_memory
+
 OPS = ("<=", ">=")
 
 
@@ -48,6 +50,7 @@ class BenchConfig:
     threads: int = 2
     seed: int = 0
     memory_repeats: int = 3
+    profile_steps: int = 3
     memory_experts: int = 8
     soft_experts: int = 32
     soft_slots: int = 1
@@ -100,7 +103,13 @@ def precision(name: str) -> contextlib.AbstractContextManager:
 def quick_config(threads: int = 2) -> BenchConfig:
     """CI smoke settings: same widths, 4 images instead of 16, fewer repeats, smaller batch."""
     return BenchConfig(
-        images=4, repeats=3, memory_repeats=1, model_batch=4, threads=threads, quick=True
+        images=4,
+        repeats=3,
+        memory_repeats=1,
+        profile_steps=1,
+        model_batch=4,
+        threads=threads,
+        quick=True,
     )
 
 
@@ -265,6 +274,7 @@ def env_info(threads: int) -> dict:
         "torch_num_threads": torch.get_num_threads(),
         "loadavg_start": load_average(),
         "thp_mem_alloc": os.environ.get("THP_MEM_ALLOC_ENABLE", ""),
+        "cpu_allocator": "keep freed memory" if keep_freed_memory() else "system default",
     }
 
 

@@ -184,3 +184,30 @@ def test_default_settings_are_vmoe_scale():
     assert cfg.model_overrides["num_experts"] == 32
     with pytest.raises(ValueError, match="'float16'"):
         timing.precision("float16")
+
+
+def test_profile_tiny(tmp_path: Path):
+    from benchmarks.profile import BUCKETS, bucket
+
+    assert bucket("aten::_grouped_mm") == "gemm" and bucket("aten::copy_") == "casts"
+    assert bucket("aten::_fused_adamw_") == "optimizer" and bucket("aten::topk") == "routing"
+    cfg = tiny_config()
+    cfg.profile_steps = 1
+    result = run.run_all(cfg, ["profile"], log=lambda _msg: None)
+    assert result["errors"] == {}
+    profiles = result["results"]["profile"]
+    assert set(profiles) == {
+        "layer_e32_top1_float32",
+        "layer_e32_top1_bfloat16",
+        "model_train_float32",
+        "model_train_bfloat16",
+    }
+    for data in profiles.values():
+        for ms in data["ms_per_step"].values():
+            assert set(ms) == {*BUCKETS, "total"} and ms["total"] > 0
+            assert ms["gemm"] > 0  # every contender multiplies matrices
+    # The MoE layer holds E expert MLPs: E times the dense layer's parameters (top-1).
+    layer = profiles["layer_e32_top1_float32"]["param_bytes_fp32"]
+    assert layer["moe"] == 32 * layer["dense"]
+    _, md_path = run.write_outputs(result, tmp_path)
+    assert "## Where the time goes (torch.profiler)" in md_path.read_text()

@@ -236,6 +236,29 @@ def test_auto_dispatch_is_static_off_the_cpu():
     with torch.autocast("cpu", dtype=torch.bfloat16):  # one bmm beats E small GEMMs in bf16
         assert resolve_dispatch("auto", torch.empty(2)) == "static"
     assert resolve_dispatch("compact", torch.empty(2, dtype=torch.bfloat16)) == "compact"
+    with torch.no_grad():  # inference: the batched matmul again
+        assert resolve_dispatch("auto", torch.empty(2)) == "static"
+
+
+def test_auto_dispatch_in_fp32_training_follows_the_slot_fill():
+    # float32 training on CPU: static when the plan fills >= 90% of the E*C slots, else compact.
+    from dataclasses import replace
+
+    from visionmoe.layers.dispatch import STATIC_MIN_FILL, resolve_dispatch
+    from visionmoe.routing.top_k import TokenChoiceRouter
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 8)
+    for top_k, cf in ((1, 1.0), (2, 1.25)):
+        plan, _ = TokenChoiceRouter(8, 4, top_k, cf, noise_std=0.0)(x, None)
+        fill = float(plan.keep.sum()) / (plan.num_experts * plan.capacity)
+        expected = "static" if fill >= STATIC_MIN_FILL else "compact"
+        assert resolve_dispatch("auto", x, plan) == expected
+    # All A assignments kept in A / E slots per expert: full; none kept: empty.
+    full = replace(plan, keep=torch.ones_like(plan.keep), capacity=plan.keep.numel() // 4)
+    few = replace(plan, keep=torch.zeros_like(plan.keep))
+    assert resolve_dispatch("auto", x, full) == "static"
+    assert resolve_dispatch("auto", x, few) == "compact"
 
 
 def test_bf16_training_forward_uses_the_updated_weights():

@@ -23,21 +23,38 @@ from visionmoe.routing.plan import RoutingPlan
 DISPATCH_MODES = ("auto", "static", "compact")
 
 
-def resolve_dispatch(mode: str, x: Tensor) -> str:
-    """``auto`` picks ``static`` on accelerators, under ``torch.compile`` and when the experts
-    compute in bfloat16 (autocast), else ``compact`` (CPU, float32).
+# float32 training on CPU: static above this fraction of filled slots, compact below.
+STATIC_MIN_FILL = 0.85
 
-    bf16 on CPU: one batched matmul over the ``(E, C, D)`` buffers beats E grouped GEMMs of about
-    T*K/E rows each, even counting the empty slots (``python -m benchmarks.run --only layer``:
-    static/dense 1.03-1.77 against compact/dense 1.42-2.0 at E in {8, 32}, K in {1, 2}). In float32
-    compact wins at top-2 (0.93 vs 1.28 at E=8), where the capacity factor 1.25 leaves a fifth of
-    the static slots empty.
+
+def resolve_dispatch(mode: str, x: Tensor, plan: RoutingPlan | None = None) -> str:
+    """The path ``auto`` takes: ``static`` unless float32 training on CPU leaves slots empty.
+
+    ``static`` runs on accelerators, under ``torch.compile`` (fixed shapes), in bf16 and without
+    autograd (inference): one batched matmul over the ``(E, C, D)`` buffers beats E GEMMs of
+    about T*K/E rows each there, even counting the empty slots. For float32 training on CPU,
+    ``auto`` counts the kept assignments of ``plan`` (a host sync, free on CPU): at least
+    :data:`STATIC_MIN_FILL` of the E*C slots filled (top-1 at cf 1.0) takes ``static``, fewer
+    (top-2 at cf 1.25 fills at most 80%) takes ``compact``, which computes no empty slot and
+    no gradient for one. Without a plan that case is ``compact``.
+
+    Measured on 2 CPU cores (``python -m benchmarks.run --only layer``, MoE/dense fwd+bwd):
+    bf16 static 1.03-1.77 vs compact 1.42-2.0 (E in {8, 32}, K in {1, 2}); fp32 top-1 static
+    1.09-1.54 vs compact 1.21-1.61 (better in 5 of 6 runs); fp32 top-2 compact 0.93-1.30 vs
+    static 1.25-1.46 (better in 6 of 6). BPR inference, E=32: static 61 / 103 ms at cf 0.5 / 1.0
+    vs compact 75 / 120 ms.
     """
     if mode != "auto":
         return mode
     if x.device.type != "cpu" or torch.compiler.is_compiling():
         return "static"
-    return "static" if compute_dtype(x) == torch.bfloat16 else "compact"
+    if compute_dtype(x) == torch.bfloat16 or not torch.is_grad_enabled():
+        return "static"
+    if plan is None:
+        return "compact"
+    slots = plan.num_experts * plan.capacity
+    kept = int(plan.keep.sum())
+    return "static" if kept >= STATIC_MIN_FILL * slots else "compact"
 
 
 def dispatch_static(x_TD: Tensor, plan: RoutingPlan, experts: Experts) -> Tensor:
@@ -75,7 +92,7 @@ def _combine(x_TD: Tensor, out_ND: Tensor, weight_N: Tensor, token_N: Tensor, T:
 
 def dispatch(x_TD: Tensor, plan: RoutingPlan, experts: Experts, mode: str = "auto") -> Tensor:
     """Run ``experts`` on the assignments of ``plan``; tokens with no kept assignment get 0."""
-    if resolve_dispatch(mode, x_TD) == "static":
+    if resolve_dispatch(mode, x_TD, plan) == "static":
         return dispatch_static(x_TD, plan, experts)
     return dispatch_compact(x_TD, plan, experts)
 

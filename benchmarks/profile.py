@@ -1,0 +1,144 @@
+"""Where the time goes: torch.profiler self-CPU time per step, by kind of work.
+
+For the settings whose targets are hardest (the MoE layer at E = max(``cfg.layer_experts``),
+top-1, cf 1.0, and the whole-model training step of the ``model`` family), each contender runs
+``cfg.profile_steps`` steps under :class:`torch.profiler.profile` after a warm-up, in every
+precision of ``cfg.precisions``. Self time of every aten op is summed into buckets:
+
+- ``gemm``: mm / bmm / baddbmm / addmm / grouped_mm (experts, dense MLPs, attention projections);
+- ``casts``: ``copy_`` / ``_to_copy`` (under autocast mostly the per-step fp32 -> bf16 weight
+  casts and bf16 -> fp32 weight-gradient casts, whose size is E/K times the dense layer's);
+- ``optimizer``: fused or foreach AdamW kernels;
+- ``attention``, ``gelu``, ``norm``;
+- ``routing``: top-k, sort, softmax, scatter/gather and index ops of routing and dispatch;
+- ``other``.
+
+Alongside, ``param_bytes`` counts what a step must stream per parameter whatever the kernels
+do: the MoE layer's E x (D x F x 2) expert weights against the dense layer's K x D x F x 2.
+Profiles are single runs on a possibly shared machine: read shares, not absolute times.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from benchmarks.layer import make_dense, make_input, make_moe
+from benchmarks.model import build_models, train_step
+from benchmarks.timing import BenchConfig, precision, zero_grads
+from visionmoe.train.config import OptimConfig
+from visionmoe.train.optim import build_optimizer
+
+BUCKETS = ("gemm", "casts", "optimizer", "attention", "gelu", "norm", "routing", "other")
+_GEMM = {"aten::mm", "aten::bmm", "aten::baddbmm", "aten::addmm", "aten::_grouped_mm"}
+_CASTS = {"aten::copy_", "aten::_to_copy"}
+_ROUTING_WORDS = ("topk", "sort", "softmax", "scatter", "gather", "index", "cumsum", "bincount")
+
+
+def bucket(op: str) -> str:
+    """The bucket of an aten op name (see the module docstring)."""
+    if op in _GEMM:
+        return "gemm"
+    if op in _CASTS:
+        return "casts"
+    if "adam" in op or op.startswith("aten::_foreach"):
+        return "optimizer"
+    if "scaled_dot_product" in op:
+        return "attention"
+    if "gelu" in op:
+        return "gelu"
+    if "layer_norm" in op:
+        return "norm"
+    if any(word in op for word in _ROUTING_WORDS):
+        return "routing"
+    return "other"
+
+
+def profile_steps(fn: Callable[[], None], steps: int, warmup: int = 2) -> dict[str, float]:
+    """Self-CPU milliseconds per step of ``fn`` by bucket, plus ``total``."""
+    for _ in range(warmup):
+        fn()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            fn()
+    out = dict.fromkeys(BUCKETS, 0.0)
+    for event in prof.key_averages():
+        if event.key.startswith("aten::"):
+            out[bucket(event.key)] += event.self_cpu_time_total / 1e3 / steps
+    out["total"] = sum(out[b] for b in BUCKETS)
+    return {k: round(v, 2) for k, v in out.items()}
+
+
+def _layer_step(layer: torch.nn.Module, x: torch.Tensor, prec: str) -> Callable[[], None]:
+    def run() -> None:
+        zero_grads(layer, x)
+        with precision(prec):
+            y = layer(x)
+            y = y[0] if isinstance(y, tuple) else y
+        y.float().sum().backward()
+
+    return run
+
+
+def run_profile(cfg: BenchConfig) -> dict:
+    """Profiles of the E = max layer (top-1, cf 1.0) and of the model training step."""
+    experts = max(cfg.layer_experts)
+    torch.manual_seed(cfg.seed)
+    x = make_input(cfg)
+    moe = make_moe(cfg, 1, 1.0, experts=experts)
+    dense = make_dense(cfg, 1)
+    steps = cfg.profile_steps
+    results: dict[str, dict] = {}
+    for prec in cfg.precisions:
+        results[f"layer_e{experts}_top1_{prec}"] = {
+            "what": f"MoE layer fwd+bwd, E={experts} top-1 cf 1.0, dispatch auto, vs dense FFN",
+            "steps": steps,
+            "param_bytes_fp32": {
+                "moe": sum(p.numel() for p in moe.experts.parameters()) * 4,
+                "dense": sum(p.numel() for p in dense.parameters()) * 4,
+            },
+            "ms_per_step": {
+                "moe": profile_steps(_layer_step(moe, x, prec), steps),
+                "dense": profile_steps(_layer_step(dense, x, prec), steps),
+            },
+        }
+    models, config = build_models(cfg)
+    torch.manual_seed(cfg.seed)
+    images = torch.randn(cfg.model_batch, config.in_chans, config.image_size, config.image_size)
+    labels = torch.randint(0, max(config.num_classes, 1), (cfg.model_batch,))
+    optimizers = {k: build_optimizer(m, OptimConfig(lr=1e-4)) for k, m in models.items()}
+    for prec in cfg.precisions:
+        results[f"model_train_{prec}"] = {
+            "what": f"{cfg.model_name} training step (fwd+bwd+AdamW), batch {cfg.model_batch}, "
+            "vs dense twin",
+            "steps": steps,
+            "param_bytes_fp32": {
+                k: sum(p.numel() for p in m.parameters()) * 4 for k, m in models.items()
+            },
+            "ms_per_step": {
+                k: profile_steps(partial(train_step, m, optimizers[k], images, labels, prec), steps)
+                for k, m in models.items()
+            },
+        }
+    return {"results": results, "ratios": [], "errors": {}}
+
+
+def render_profiles(results: dict) -> str:
+    """Markdown: one table per profiled setting, buckets as columns, contenders as rows."""
+    out = []
+    for name, data in results.items():
+        out += [
+            f"**{name}**: {data['what']}; self-CPU ms per step, {data['steps']} steps.",
+            "",
+            "| Contender | fp32 params (MB) | " + " | ".join(BUCKETS) + " | total |",
+            "|---" * (len(BUCKETS) + 3) + "|",
+        ]
+        for who, ms in data["ms_per_step"].items():
+            mb = data["param_bytes_fp32"][who] / 1e6
+            cells = " | ".join(f"{ms[b]:.1f}" for b in (*BUCKETS, "total"))
+            out.append(f"| {who} | {mb:.1f} | {cells} |")
+        out.append("")
+    return "\n".join(out)
