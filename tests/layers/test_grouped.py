@@ -142,6 +142,8 @@ def test_low_precision_weight_cache_follows_parameter_updates():
             before = experts(x_ECD)
             assert experts._cast_cache is not None
             assert torch.equal(experts(x_ECD), before)
+            experts.eval()  # no mode change, no reason to drop the cache
+            assert experts._cast_cache is not None
     with torch.no_grad():
         experts.w2.mul_(2.0)  # an in-place update bumps the version counter
         experts.b2.mul_(2.0)

@@ -70,12 +70,12 @@ class Experts(nn.Module):
         For inference (eval mode or grad disabled) a cast to a lower precision (bf16 autocast) is
         cached while the parameters are unchanged (same storage, same version counter), so
         E x D x F x 2 weights are cast once, not on every forward; ``train()`` / ``eval()`` drop
-        the cache. In training with grad enabled the weights are cast on every forward: an
-        optimizer step changes them anyway, and fused optimizer kernels update parameters in
-        place without bumping their version counters (torch 2.13), which would leave a cached
-        copy stale. The cached copy stays alive between calls (half the bytes of the fp32
-        weights); ``cache_casts = False`` turns caching off. Under ``torch.compile`` the cast is
-        a plain ``.to`` that the compiler fuses.
+        the cache when they change the mode. In training with grad enabled the weights are cast
+        on every forward: an optimizer step changes them anyway, and fused optimizer kernels
+        update parameters in place without bumping their version counters (torch 2.13), which
+        would leave a cached copy stale. The cached copy stays alive between calls (half the
+        bytes of the fp32 weights); ``cache_casts = False`` turns caching off. Under
+        ``torch.compile`` the cast is a plain ``.to`` that the compiler fuses.
         """
         params = (self.w1, self.b1, self.w2, self.b2)
         if dtype == self.w1.dtype:
@@ -92,7 +92,8 @@ class Experts(nn.Module):
         return tuple(_CachedCast.apply(p, low) for p, low in zip(params, cached[1], strict=True))
 
     def train(self, mode: bool = True) -> Experts:
-        self._cast_cache = None  # a mode switch often brackets weight updates
+        if mode != self.training:
+            self._cast_cache = None  # a mode switch often brackets weight updates
         return super().train(mode)
 
     def forward(self, x_ECD: Tensor) -> Tensor:
