@@ -15,7 +15,8 @@ precision of ``cfg.precisions``. Self time of every aten op is summed into bucke
 
 Alongside, ``param_bytes`` counts what a step must stream per parameter whatever the kernels
 do: the MoE layer's E x (D x F x 2) expert weights against the dense layer's K x D x F x 2.
-Profiles are single runs on a possibly shared machine: read shares, not absolute times.
+Profiles are single runs on a possibly shared machine: read shares, not absolute times. Each
+row also counts minor page faults per step (see :data:`FAULTS_NOTE`).
 """
 
 from __future__ import annotations
@@ -32,6 +33,13 @@ from benchmarks.timing import BenchConfig, precision, zero_grads
 from visionmoe.train.config import OptimConfig
 from visionmoe.train.optim import build_optimizer
 
+FAULTS_NOTE = (
+    "Page faults are minor faults per step while profiling. Outside the profiler a training "
+    "step of these models makes none once warm (the CPU allocator keeps freed memory); under it "
+    "the MoE steps were seen to fault again (tens of thousands of 4 KB pages per step, charged "
+    "mostly to the first op writing a fresh buffer, usually a dtype cast), so a large casts "
+    "bucket next to many faults overstates what casts cost in a plain run."
+)
 BUCKETS = ("gemm", "casts", "optimizer", "attention", "gelu", "norm", "routing", "other")
 _GEMM = {"aten::mm", "aten::bmm", "aten::baddbmm", "aten::addmm", "aten::_grouped_mm"}
 _CASTS = {"aten::copy_", "aten::_to_copy"}
@@ -58,18 +66,32 @@ def bucket(op: str) -> str:
 
 
 def profile_steps(fn: Callable[[], None], steps: int, warmup: int = 2) -> dict[str, float]:
-    """Self-CPU milliseconds per step of ``fn`` by bucket, plus ``total``."""
+    """Self-CPU milliseconds per step of ``fn`` by bucket, ``total``, and ``page_faults`` (minor
+    page faults per step while profiling)."""
     for _ in range(warmup):
         fn()
+    faults = _minor_faults()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
             fn()
+    faults = _minor_faults() - faults
     out = dict.fromkeys(BUCKETS, 0.0)
     for event in prof.key_averages():
         if event.key.startswith("aten::"):
             out[bucket(event.key)] += event.self_cpu_time_total / 1e3 / steps
     out["total"] = sum(out[b] for b in BUCKETS)
-    return {k: round(v, 2) for k, v in out.items()}
+    out = {k: round(v, 2) for k, v in out.items()}
+    out["page_faults"] = round(faults / steps)
+    return out
+
+
+def _minor_faults() -> int:
+    """Minor page faults of this process so far (0 where ``resource`` is unavailable)."""
+    try:
+        import resource
+    except ImportError:
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def _layer_step(layer: torch.nn.Module, x: torch.Tensor, prec: str) -> Callable[[], None]:
@@ -133,12 +155,13 @@ def render_profiles(results: dict) -> str:
         out += [
             f"**{name}**: {data['what']}; self-CPU ms per step, {data['steps']} steps.",
             "",
-            "| Contender | fp32 params (MB) | " + " | ".join(BUCKETS) + " | total |",
-            "|---" * (len(BUCKETS) + 3) + "|",
+            "| Contender | fp32 params (MB) | " + " | ".join(BUCKETS) + " | total | page faults |",
+            "|---" * (len(BUCKETS) + 4) + "|",
         ]
         for who, ms in data["ms_per_step"].items():
             mb = data["param_bytes_fp32"][who] / 1e6
             cells = " | ".join(f"{ms[b]:.1f}" for b in (*BUCKETS, "total"))
-            out.append(f"| {who} | {mb:.1f} | {cells} |")
+            out.append(f"| {who} | {mb:.1f} | {cells} | {ms.get('page_faults', 0)} |")
         out.append("")
+    out.append(FAULTS_NOTE)
     return "\n".join(out)
