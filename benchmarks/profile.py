@@ -21,6 +21,8 @@ row also counts minor page faults per step (see :data:`FAULTS_NOTE`).
 
 from __future__ import annotations
 
+import statistics
+import time
 from collections.abc import Callable
 from functools import partial
 
@@ -34,11 +36,12 @@ from visionmoe.train.config import OptimConfig
 from visionmoe.train.optim import build_optimizer
 
 FAULTS_NOTE = (
-    "Page faults are minor faults per step while profiling. Outside the profiler a training "
-    "step of these models makes none once warm (the CPU allocator keeps freed memory); under it "
-    "the MoE steps were seen to fault again (tens of thousands of 4 KB pages per step, charged "
-    "mostly to the first op writing a fresh buffer, usually a dtype cast), so a large casts "
-    "bucket next to many faults overstates what casts cost in a plain run."
+    "Page faults are minor faults per step while profiling; the last two columns are the same "
+    "steps run without the profiler (median wall time, faults per step). Under the profiler the "
+    "MoE training steps were seen to fault on tens of thousands of 4 KB pages per step where "
+    "the plain steps make none (the CPU allocator keeps freed memory); the faults are charged "
+    "to the first op that writes a fresh buffer, usually a dtype cast, so a large casts bucket "
+    "next to many faults overstates what casts cost in a plain run."
 )
 BUCKETS = ("gemm", "casts", "optimizer", "attention", "gelu", "norm", "routing", "other")
 _GEMM = {"aten::mm", "aten::bmm", "aten::baddbmm", "aten::addmm", "aten::_grouped_mm"}
@@ -66,8 +69,9 @@ def bucket(op: str) -> str:
 
 
 def profile_steps(fn: Callable[[], None], steps: int, warmup: int = 2) -> dict[str, float]:
-    """Self-CPU milliseconds per step of ``fn`` by bucket, ``total``, and ``page_faults`` (minor
-    page faults per step while profiling)."""
+    """Self-CPU milliseconds per step of ``fn`` by bucket, ``total``, ``page_faults`` (minor page
+    faults per step while profiling), then ``plain_ms`` / ``plain_page_faults``: median wall time
+    and faults per step of as many steps run without the profiler."""
     for _ in range(warmup):
         fn()
     faults = _minor_faults()
@@ -82,6 +86,14 @@ def profile_steps(fn: Callable[[], None], steps: int, warmup: int = 2) -> dict[s
     out["total"] = sum(out[b] for b in BUCKETS)
     out = {k: round(v, 2) for k, v in out.items()}
     out["page_faults"] = round(faults / steps)
+    # The same steps without the profiler: its own allocations change what the heap can reuse.
+    times, faults = [], _minor_faults()
+    for _ in range(steps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    out["plain_ms"] = round(statistics.median(times) * 1e3, 2)
+    out["plain_page_faults"] = round((_minor_faults() - faults) / steps)
     return out
 
 
@@ -155,13 +167,18 @@ def render_profiles(results: dict) -> str:
         out += [
             f"**{name}**: {data['what']}; self-CPU ms per step, {data['steps']} steps.",
             "",
-            "| Contender | fp32 params (MB) | " + " | ".join(BUCKETS) + " | total | page faults |",
-            "|---" * (len(BUCKETS) + 4) + "|",
+            "| Contender | fp32 params (MB) | "
+            + " | ".join(BUCKETS)
+            + " | total | page faults | plain step (ms) | plain page faults |",
+            "|---" * (len(BUCKETS) + 6) + "|",
         ]
         for who, ms in data["ms_per_step"].items():
             mb = data["param_bytes_fp32"][who] / 1e6
             cells = " | ".join(f"{ms[b]:.1f}" for b in (*BUCKETS, "total"))
-            out.append(f"| {who} | {mb:.1f} | {cells} | {ms.get('page_faults', 0)} |")
+            extra = " | ".join(
+                str(ms.get(k, "")) for k in ("page_faults", "plain_ms", "plain_page_faults")
+            )
+            out.append(f"| {who} | {mb:.1f} | {cells} | {extra} |")
         out.append("")
     out.append(FAULTS_NOTE)
     return "\n".join(out)
