@@ -73,7 +73,7 @@ def digits_vmoe() -> ExperimentConfig:
     """V-MoE on the bundled digits (E=8, K=2, MoE in alternate blocks, GAP head) -- the default.
 
     Command: ``visionmoe train`` (same as ``visionmoe train --recipe digits_vmoe``).
-    Expected: test accuracy 0.976 / 0.987 / 0.973 (seeds 0 / 1 / 2); 74-77 s on 2 idle cores.
+    Expected: test accuracy 0.973 / 0.991 / 0.980 (seeds 0 / 1 / 2); 64-68 s on 2 CPU cores.
     """
     # GAP head: a class-token head reads one token, and BPR drops exactly that token first under
     # reduced capacity (its router confidence in block 1 is among the lowest): at cf 0.1 the
@@ -135,7 +135,7 @@ def digits_softmoe() -> ExperimentConfig:
     """Soft MoE on digits: 8 experts x 2 slots (16 slots for 16 patches), GAP head, last 2 blocks.
 
     Command: ``visionmoe train --recipe digits_softmoe``.
-    Expected: test accuracy 0.980 (seed 0); 1.5 minutes on one core of a busy machine.
+    Expected: test accuracy 0.971 (seed 0); about 1 minute on 2 CPU cores.
     """
     moe = MoEConfig(router="soft", num_experts=8, slots_per_expert=2, noise_std=0.0, **_PER_IMAGE)
     model = ViTConfig(**{**_DIGITS_VIT, "classifier": "gap"}, moe=moe, moe_layers=(2, 3))
@@ -147,7 +147,7 @@ def digits_ecmoe() -> ExperimentConfig:
     """Expert Choice MoE on digits: E=8, cf 1 (each expert picks 2 of 16 patches), last 2 blocks.
 
     Command: ``visionmoe train --recipe digits_ecmoe``.
-    Expected: test accuracy 0.980 (seed 0); 1.5 minutes on one core of a busy machine.
+    Expected: test accuracy 0.982 (seed 0); about 45 seconds on 2 CPU cores.
     """
     moe = MoEConfig(
         router="expert_choice",
@@ -166,7 +166,7 @@ def digits_e3() -> ExperimentConfig:
 
     Command: ``visionmoe train --recipe digits_e3``; ``visionmoe eval RUN`` reports ensemble
     accuracy, NLL and ECE.
-    Expected: ensemble test accuracy 0.976 (seed 0); 4 minutes on one core of a busy machine.
+    Expected: ensemble test accuracy 0.980 (seed 0); about 70 seconds on 2 CPU cores.
     """
     moe = replace(_DIGITS_MOE, top_k=1, ensemble_members=2)
     model = ViTConfig(**_DIGITS_VIT, moe=moe, moe_layers=every_n(4, 2))
@@ -197,9 +197,8 @@ def digits_limoe() -> ExperimentConfig:
     One shared encoder for 8x8 digits and generated captions ("a handwritten seven", "the digit
     7", ...); MoE routing groups mix image and text tokens; per-modality entropy losses.
     Command: ``visionmoe train --recipe digits_limoe``, then ``visionmoe zeroshot RUN``.
-    Expected: zero-shot test accuracy from digit prompts alone ~0.95 (measured 0.949 / 0.949 /
-    0.940 for train.seed 0 / 1 / 2; 0.80 already at step 400); about 45 seconds on 2 idle CPU
-    cores (800 steps).
+    Expected: zero-shot test accuracy from digit prompts alone ~0.94 (measured 0.931 / 0.940 /
+    0.949 for train.seed 0 / 1 / 2); about 35 seconds on 2 CPU cores (800 steps).
     """
     moe = MoEConfig(
         num_experts=8,
