@@ -246,7 +246,7 @@ def fashion_mnist_vmoe() -> ExperimentConfig:
     Command: ``visionmoe train --recipe fashion_mnist_vmoe --data PATH/fashion_mnist.npz``
     (an ``.npz`` with x_train/y_train/x_test/y_test, or use ``--set data.kind=idx`` with a folder
     of the official IDX files).
-    Expected: test accuracy 0.841 (seed 0); 5 minutes on 2 idle CPU cores.
+    Expected: test accuracy 0.841 (seed 0); about 4 minutes on 2 CPU cores.
     """
     return _fashion(
         "fashion_mnist_vmoe", ViTConfig(**_FASHION_VIT, moe=_DIGITS_MOE, moe_layers=every_n(4, 2))
