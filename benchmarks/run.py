@@ -113,7 +113,16 @@ def build_config(args: argparse.Namespace) -> BenchConfig:
         cfg.repeats = args.repeats
     if args.compile_backend is not None:
         cfg.compile_backend = args.compile_backend
+    if args.model_batch is not None:
+        cfg.model_batch = args.model_batch
     return cfg
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -128,6 +137,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--only", nargs="+", choices=list(FAMILIES), help="run only these families")
     p.add_argument("--skip", nargs="+", choices=list(FAMILIES), default=(), help="skip these")
     p.add_argument("--compile-backend", default=None, help="torch.compile backend (inductor)")
+    p.add_argument(
+        "--model-batch", type=_positive, default=None, help="images per model-family step (8)"
+    )
     return p.parse_args(argv)
 
 
