@@ -212,3 +212,11 @@ def test_profile_tiny(tmp_path: Path):
     assert layer["moe"] == 32 * layer["dense"]
     _, md_path = run.write_outputs(result, tmp_path)
     assert "## Where the time goes (torch.profiler)" in md_path.read_text()
+
+
+def test_model_batch_option(capsys):
+    assert run.build_config(run.parse_args(["--model-batch", "32"])).model_batch == 32
+    assert run.build_config(run.parse_args([])).model_batch == BenchConfig().model_batch
+    with pytest.raises(SystemExit):
+        run.parse_args(["--model-batch", "0"])
+    assert "--model-batch: must be a positive integer, got 0" in capsys.readouterr().err
