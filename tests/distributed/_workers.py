@@ -30,7 +30,7 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).abs().max()) if a.numel() else 0.0
 
 
-def _experiment(model_config, grad_clip, optimizer):
+def _experiment(model_config, grad_clip, optimizer, grad_accum=1):
     from visionmoe.train.config import (
         DataConfig,
         ExperimentConfig,
@@ -45,7 +45,7 @@ def _experiment(model_config, grad_clip, optimizer):
         data=DataConfig(),
         optim=OptimConfig(name=optimizer, lr=1e-2, weight_decay=0.1, grad_clip=grad_clip),
         schedule=ScheduleConfig(warmup_steps=0),
-        train=TrainConfig(label_smoothing=0.1, batch_size=8),
+        train=TrainConfig(label_smoothing=0.1, batch_size=8, grad_accum=grad_accum),
     )
 
 
@@ -95,9 +95,9 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def _equivalence_case(name: str, groups, dense: str, steps: int = 2) -> dict:
+def _equivalence_case(name: str, groups, dense: str, steps: int = 2, accum: int = 1) -> dict:
     """Run ``steps`` steps single-process (reference) and expert-parallel with the dense part
-    under ``dense`` (DDP or FSDP2); report max diffs."""
+    under ``dense`` (DDP or FSDP2), ``accum`` micro-batches per step; report max diffs."""
     from visionmoe.distributed import expert_range, shard_moe_experts, wrap_data_parallel
     from visionmoe.distributed.expert_parallel import expert_parameter_names
     from visionmoe.distributed.train import distributed_train_step
@@ -109,7 +109,7 @@ def _equivalence_case(name: str, groups, dense: str, steps: int = 2) -> dict:
     # noise_std=0: router noise comes from each rank's RNG, which cannot reproduce the draws one
     # process makes for the whole batch; dropout is 0 in the debug models for the same reason.
     model = create_model(model_name, noise_std=0.0, **overrides)
-    config = _experiment(model.config, clip, optimizer)
+    config = _experiment(model.config, clip, optimizer, accum)
     reference = copy.deepcopy(model)
     ref_opt = _optimizer(reference, config)
     if groups.expert_parallel > 1:
@@ -169,6 +169,8 @@ def equivalence(args) -> None:
             results[f"{dense}/{name}"] = _equivalence_case(name, groups, dense)
         case = _equivalence_case("top_k", hybrid_groups, dense)
         results[f"{dense}/top_k_ep{hybrid}"] = case
+        # Two micro-batches per step: gradients synchronise on the last backward only.
+        results[f"{dense}/top_k_accum2"] = _equivalence_case("top_k", groups, dense, accum=2)
     if args.run:
         results["reshard"] = _reshard_report(args.run, groups)
     if args.fsdp_run:

@@ -67,7 +67,8 @@ def _check_equivalence(report: dict, rank: int, world_size: int) -> None:
     # Each case with the dense part under DDP and under FSDP2.
     # top_k_ep2 (4 ranks): 2 expert-parallel groups of 2, experts replicated twice;
     # top_k_ep1 (2 ranks): experts replicated on every rank (plain data parallelism).
-    names = {"top_k", "bpr", "expert_choice", "soft", f"top_k_ep{world_size // 2}"}
+    # top_k_accum2: grad_accum=2, gradient sync on the last micro-batch only.
+    names = {"top_k", "bpr", "expert_choice", "soft", f"top_k_ep{world_size // 2}", "top_k_accum2"}
     cases = {f"{dense}/{name}" for dense in ("ddp", "fsdp") for name in names}
     assert cases <= set(report)
     for case in cases:

@@ -62,6 +62,41 @@ def test_grad_accum_two_micro_batches_equal_one_step_on_the_whole_batch():
     assert float(loss) == pytest.approx(float(ref_loss), rel=1e-12)
 
 
+def test_grad_accum_synchronises_gradients_on_the_last_micro_batch_only():
+    # A data-parallel wrapper is told to skip gradient sync for all but the last backward:
+    # DDP-style through no_sync(), FSDP2-style through set_requires_gradient_sync().
+    import contextlib
+
+    events = []
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.module = inner
+
+        def forward(self, *args, **kwargs):
+            events.append("forward")
+            return self.module(*args, **kwargs)
+
+    class DdpLike(Wrapper):
+        @contextlib.contextmanager
+        def no_sync(self):
+            events.append("no_sync")
+            yield
+
+    class FsdpLike(Wrapper):
+        def set_requires_gradient_sync(self, flag):
+            events.append(f"sync={flag}")
+
+    x = torch.randn(12, 3, 32, 32, dtype=torch.float64)
+    y = torch.randint(0, 10, (12,))
+    _accumulated_grads(DdpLike(_model()), x, y, accum=3)
+    assert events == ["no_sync", "forward", "no_sync", "forward", "forward"]
+    events.clear()
+    _accumulated_grads(FsdpLike(_model()), x, y, accum=3)
+    assert events == ["sync=False", "forward", "sync=False", "forward", "sync=True", "forward"]
+
+
 def test_grad_accum_differs_when_routing_groups_cross_micro_batches():
     # One routing group of 8 images over the whole batch: with 2 micro-batches of 4 images the
     # tokens compete for capacity in two smaller groups instead, so routing (and the gradient)

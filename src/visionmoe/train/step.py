@@ -10,11 +10,14 @@ averages their gradients, which equals one step on the whole batch as long as th
 image does not depend on which micro-batch it is in. Two things make it depend: routing groups
 that cross a micro-batch boundary (a group of ``group_images`` images is routed together and
 competes for one capacity; keep ``batch_size / grad_accum`` a multiple of the group) and random
-draws (router noise, dropout), which come in a different order.
+draws (router noise, dropout), which come in a different order. Under data parallelism only the
+last micro-batch's backward synchronises gradients across ranks (DDP ``no_sync``, FSDP2
+``set_requires_gradient_sync``); the others accumulate locally.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
@@ -68,6 +71,23 @@ def add_metrics(total: dict[str, Tensor], new: dict[str, Tensor]) -> dict[str, T
     return total
 
 
+def gradient_sync(model: nn.Module, enabled: bool) -> contextlib.AbstractContextManager:
+    """Whether the backward in this context synchronises gradients across data-parallel ranks.
+
+    DDP (and FSDP1): ``no_sync()`` when disabled. FSDP2 modules: ``set_requires_gradient_sync``
+    for the duration. Any other module: nothing to do.
+    """
+    if enabled:
+        if hasattr(model, "set_requires_gradient_sync"):
+            model.set_requires_gradient_sync(True)
+        return contextlib.nullcontext()
+    if hasattr(model, "no_sync"):
+        return model.no_sync()
+    if hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(False)
+    return contextlib.nullcontext()
+
+
 def train_step_device(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -87,12 +107,16 @@ def train_step_device(
     accum = config.train.grad_accum
     optimizer.zero_grad(set_to_none=True)
     sums: dict[str, Tensor] = {}
-    for x_micro, y_micro in zip(x.chunk(accum), y.chunk(accum), strict=True):
-        with autocast(x.device, config.train.precision):
-            logits, aux = model(x_micro, return_aux=True)
-        task = classification_loss(logits, y_micro, config.train.loss, config.train.label_smoothing)
-        loss = task + aux.loss
-        (loss / accum if accum > 1 else loss).backward()
+    micro = list(zip(x.chunk(accum), y.chunk(accum), strict=True))
+    for i, (x_micro, y_micro) in enumerate(micro):
+        with gradient_sync(model, i == len(micro) - 1):
+            with autocast(x.device, config.train.precision):
+                logits, aux = model(x_micro, return_aux=True)
+            task = classification_loss(
+                logits, y_micro, config.train.loss, config.train.label_smoothing
+            )
+            loss = task + aux.loss
+            (loss / accum if accum > 1 else loss).backward()
         with torch.no_grad():
             # Soft (mixed) targets count their largest component as the label.
             hard = y_micro.argmax(-1) if y_micro.ndim == 2 else y_micro
