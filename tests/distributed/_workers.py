@@ -267,7 +267,7 @@ def fault(args) -> None:
 
     rank = int(os.environ["RANK"])
     if rank == args.rank:
-        real = entry.distributed_train_step
+        real = entry.distributed_train_step_device
         calls = {"n": 0}
 
         def faulty(*a, **kw):
@@ -279,7 +279,7 @@ def fault(args) -> None:
             calls["n"] += 1
             return real(*a, **kw)
 
-        entry.distributed_train_step = faulty
+        entry.distributed_train_step_device = faulty
     entry.cli(args.train_args)
 
 

@@ -193,9 +193,22 @@ def mean_over_ranks(metrics: dict[str, float], groups: ParallelGroups) -> dict[s
         return dict(metrics)
     names = sorted(metrics)
     values = torch.tensor([metrics[n] for n in names], dtype=torch.float64, device=groups.device)
+    reduced = mean_over_ranks_device(dict(zip(names, values.unbind(), strict=True)), groups)
+    return dict(zip(names, torch.stack([reduced[n] for n in names]).tolist(), strict=True))
+
+
+def mean_over_ranks_device(
+    metrics: dict[str, torch.Tensor], groups: ParallelGroups
+) -> dict[str, torch.Tensor]:
+    """:func:`mean_over_ranks` for 0-dim tensors on this rank's device: one all-reduce of them
+    stacked, nothing read back to the host. Every rank calls it with the same keys."""
+    if groups.world_size == 1:
+        return dict(metrics)
+    names = sorted(metrics)
+    values = torch.stack([metrics[n].to(groups.device, torch.float64) for n in names])
     dist.all_reduce(values)
     out = {}
-    for name, total in zip(names, values.tolist(), strict=True):
+    for name, total in zip(names, values.unbind(), strict=True):
         summed = name.rsplit("/", 1)[-1] in SUMMED_METRICS
         out[name] = total if summed else total / groups.world_size
     return out

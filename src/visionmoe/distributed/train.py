@@ -37,7 +37,7 @@ from visionmoe.distributed.checkpoint import load_rng, read_layout, restore_shar
 from visionmoe.distributed.data_parallel import (
     broadcast_parameters,
     clip_grad_norm,
-    mean_over_ranks,
+    mean_over_ranks_device,
     reduce_expert_gradients,
     split_sharded_groups,
     unwrap,
@@ -64,9 +64,11 @@ from visionmoe.train.config import ExperimentConfig
 from visionmoe.train.finetune import load_init_weights
 from visionmoe.train.hooks import MetricsLog
 from visionmoe.train.inputs import TrainStream, eval_stream, load_splits
-from visionmoe.train.loop import TrainState, train_step
+from visionmoe.train.loop import TrainState, is_log_step
+from visionmoe.train.metrics import MetricsWindow
 from visionmoe.train.optim import build_optimizer, learning_rate, set_learning_rate
 from visionmoe.train.rundir import default_run_dir, initial_config, truncate_metrics
+from visionmoe.train.step import to_floats, train_step_device
 
 # Per-rank router-noise / dropout streams: rank 0 keeps the single-process stream.
 _RANK_SEED_STRIDE = 1_000_003
@@ -111,6 +113,28 @@ def check_layout(config: ExperimentConfig, world_size: int, expert_parallel: int
     return notes
 
 
+def distributed_train_step_device(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    config: ExperimentConfig,
+    groups: ParallelGroups,
+) -> dict[str, torch.Tensor]:
+    """One step on this rank's slice; the update equals the single-process one on the batch.
+
+    ``model`` is what :func:`~visionmoe.distributed.data_parallel.wrap_data_parallel` returned
+    (DDP or FSDP2 averages the dense gradients during the backward). Metrics are this rank's,
+    as 0-dim device tensors (``train/grad_norm`` is already global); nothing is read back.
+    """
+
+    def sync_and_clip(module: torch.nn.Module, max_norm: float | None) -> torch.Tensor:
+        reduce_expert_gradients(module, groups)
+        return clip_grad_norm(module, max_norm, groups)
+
+    return train_step_device(model, optimizer, x, y, config, clip_fn=sync_and_clip)
+
+
 def distributed_train_step(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -119,22 +143,19 @@ def distributed_train_step(
     config: ExperimentConfig,
     groups: ParallelGroups,
 ) -> dict[str, float]:
-    """One step on this rank's slice; the update equals the single-process one on the batch.
+    """:func:`distributed_train_step_device` with the metrics averaged over ranks and read back
+    as floats (one all-reduce and one host sync)."""
+    metrics = distributed_train_step_device(model, optimizer, x, y, config, groups)
+    return to_floats(_over_ranks(metrics, groups))
 
-    ``model`` is what :func:`~visionmoe.distributed.data_parallel.wrap_data_parallel` returned
-    (DDP or FSDP2 averages the dense gradients during the backward).
-    """
 
-    def sync_and_clip(module: torch.nn.Module, max_norm: float | None) -> torch.Tensor:
-        reduce_expert_gradients(module, groups)
-        return clip_grad_norm(module, max_norm, groups)
-
-    metrics = train_step(model, optimizer, x, y, config, clip_fn=sync_and_clip)
-    # The clipped norm is already global; every other metric is this rank's share.
-    grad_norm = metrics.pop("train/grad_norm")
-    metrics = mean_over_ranks(metrics, groups)
-    metrics["train/grad_norm"] = grad_norm
-    return metrics
+def _over_ranks(metrics: dict[str, torch.Tensor], groups: ParallelGroups) -> dict:
+    """Means over ranks on the device; the global gradient norm is kept as it is."""
+    grad_norm = metrics.pop("train/grad_norm", None)
+    out = mean_over_ranks_device(metrics, groups)
+    if grad_norm is not None:
+        out["train/grad_norm"] = grad_norm
+    return out
 
 
 def _agree(value):
@@ -272,16 +293,21 @@ def train_distributed(
     last_eval: dict = {}
     saved_step = start_step if layout is not None else -1
     began = time.perf_counter()
+    # Metrics stay on the device between log steps; ranks exchange them once per log step.
+    window = MetricsWindow(groups.device)
     while state.step < steps:
+        window.begin_step()
         lr = learning_rate(state.step, steps, config.optim.lr, config.schedule)
         set_learning_rate(optimizer, lr)
+        waited = time.perf_counter()
         x, y, _ = train_data.batch(state.step)
-        start = time.perf_counter()
-        state.metrics = distributed_train_step(trained, optimizer, x, y, config, groups)
-        elapsed = time.perf_counter() - start
-        state.metrics["train/lr"] = lr
-        state.metrics["train/images_per_s"] = batch / elapsed if elapsed > 0 else 0.0
+        waited = time.perf_counter() - waited
+        metrics = distributed_train_step_device(trained, optimizer, x, y, config, groups)
+        window.add(metrics, batch, waited)  # images of the global batch
         state.step += 1
+        if is_log_step(state.step, config):
+            reduce = partial(_over_ranks, groups=groups)
+            state.metrics = {**window.read(reduce), "train/lr": lr}
         if log is not None:
             log.after_step(state)
         if state.step % config.train.eval_every == 0 and state.step < steps:

@@ -18,6 +18,7 @@ uninterrupted run's when checkpoints fall on log steps (``checkpoint_every`` a m
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -53,10 +54,15 @@ class MetricsWindow:
         self.images += images
         self.data_seconds += data_seconds
 
-    def read(self) -> dict[str, float]:
-        """Means over the window as floats (the one host sync), speed and memory; then reset."""
+    def read(self, reduce: Callable[[dict], dict] | None = None) -> dict[str, float]:
+        """Means over the window as floats (the one host sync), speed and memory; then reset.
+
+        ``reduce`` maps the dict of means before it is read back (distributed training passes
+        an all-reduce over ranks, so ranks exchange metrics once per log step, not every step).
+        """
         steps = max(self.steps, 1)
-        out = to_floats({key: value / steps for key, value in self.sums.items()})
+        means = {key: value / steps for key, value in self.sums.items()}
+        out = to_floats(reduce(means) if reduce is not None else means)
         elapsed = time.perf_counter() - (self.started or time.perf_counter())
         out["train/images_per_s"] = self.images / elapsed if elapsed > 0 else 0.0
         out["train/data_wait_s"] = self.data_seconds / steps
