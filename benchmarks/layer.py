@@ -9,8 +9,9 @@ Families (performance targets 1, 3, 4):
   training forward (the MoE's E x D x F x 2 elements, E/K times the dense layer's); only
   inference reuses a cached bf16 copy of the expert weights.
 - ``bpr``: eval-mode, no-grad time at capacity factor 0.5 over that at 1.0, top-2 with BPR, for
-  every E in ``cfg.layer_experts``. With the compact dispatch, compute follows capacity, so the
-  ideal ratio is about 0.5 plus routing.
+  every E in ``cfg.layer_experts``, dispatch ``auto`` (the static path for inference, whose
+  expert buffers are sized by the capacity). Compute follows capacity, so the ideal ratio is
+  about 0.5 plus routing.
 - ``gemm``: GFLOP/s of ``Experts.forward_chunks`` (the per-expert GEMMs of the compact dispatch)
   over plain ``torch.mm`` on the same total rows, with expert row counts from a real routing.
 """
