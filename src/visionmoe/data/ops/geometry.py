@@ -166,19 +166,32 @@ def resize(image: torch.Tensor, size: Size) -> torch.Tensor:
     return x.contiguous()
 
 
-def _area_axis(x: np.ndarray, out_len: int, axis: int) -> np.ndarray:
-    """Exact box averaging along ``axis``: output i averages input over [i*s, (i+1)*s)."""
-    n = x.shape[axis]
-    x = np.moveaxis(x, axis, 0)
+def _area_taps(n: int, out_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(index, weight)``, both ``(out_len, K)``: output i is ``sum_k weight[i, k] *
+    input[index[i, k]]``, the exact average of the input over ``[i*s, (i+1)*s)``, s = n/out_len.
+
+    Each output overlaps at most ``ceil(s) + 1`` input pixels; a pixel's weight is its overlap
+    length / s (float64). Taps past the overlap get weight 0 and a clamped index.
+    """
     scale = n / out_len
-    prefix = np.concatenate([np.zeros((1, *x.shape[1:])), np.cumsum(x, axis=0)])
     edges = np.arange(out_len + 1, dtype=np.float64) * scale
     edges[-1] = n  # exact right edge despite rounding
-    whole = np.floor(edges).astype(np.int64)
-    frac = (edges - whole).reshape(-1, *([1] * (x.ndim - 1)))
-    # Integral of the piecewise-constant signal from 0 to each edge.
-    integral = prefix[whole] + frac * x[np.minimum(whole, n - 1)]
-    return np.moveaxis((integral[1:] - integral[:-1]) / scale, 0, axis)
+    taps = int(math.ceil(scale)) + 1
+    index = np.floor(edges[:-1]).astype(np.int64)[:, None] + np.arange(taps)[None, :]
+    overlap = np.minimum(edges[1:, None], index + 1) - np.maximum(edges[:-1, None], index)
+    weight = np.clip(overlap, 0.0, None) / scale
+    return torch.from_numpy(np.minimum(index, n - 1)), torch.from_numpy(weight)
+
+
+def _area_axis(x: torch.Tensor, out_len: int, dim: int) -> torch.Tensor:
+    """Exact box averaging along ``dim`` of a float64 tensor (one gather per tap)."""
+    index, weight = _area_taps(x.shape[dim], out_len)
+    shape = [1] * x.ndim
+    shape[dim] = out_len
+    out = x.index_select(dim, index[:, 0]).mul_(weight[:, 0].view(shape))
+    for k in range(1, index.shape[1]):
+        out.add_(x.index_select(dim, index[:, k]).mul_(weight[:, k].view(shape)))
+    return out
 
 
 def resize_small(image: torch.Tensor, size: int) -> torch.Tensor:
@@ -194,12 +207,12 @@ def resize_small(image: torch.Tensor, size: int) -> torch.Tensor:
     factor = np.float32(size) / np.float32(min(height, width))
     new_h = int(np.rint(np.float32(height) * factor))
     new_w = int(np.rint(np.float32(width) * factor))
-    x = image.numpy().astype(np.float64)
+    x = image.to(torch.float64)
     if new_h != height:
         x = _area_axis(x, new_h, 0)
     if new_w != width:
         x = _area_axis(x, new_w, 1)
-    return torch.from_numpy(x.astype(np.float32))
+    return x.to(torch.float32)
 
 
 def central_crop(image: torch.Tensor, size: Size) -> torch.Tensor:
