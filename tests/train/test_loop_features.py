@@ -312,3 +312,53 @@ def test_bf16_training_forward_uses_the_updated_weights():
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         trained_out, fresh_out = model.eval()(x), fresh.eval()(x)
     assert torch.equal(trained_out, fresh_out)
+
+
+def test_grad_accum_casts_expert_weights_once_per_step_in_bf16():
+    # bf16 with 2 micro-batches: the fp32 -> bf16 casts of the expert weights happen once per
+    # step (reused by the second micro-batch), gradients are exactly those of casting twice, and
+    # nothing stays cached after the step.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from visionmoe.layers import Experts
+
+    class WeightCasts(TorchDispatchMode):
+        def __init__(self, shapes):
+            super().__init__()
+            self.shapes, self.count = shapes, 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            src = args[0] if args else None
+            if (
+                func is torch.ops.aten._to_copy.default
+                and isinstance(src, torch.Tensor)
+                and src.dtype == torch.float32
+                and kwargs.get("dtype") == torch.bfloat16
+                and tuple(src.shape) in self.shapes
+            ):
+                self.count += 1
+            return func(*args, **kwargs)
+
+    x = torch.randn(8, 3, 32, 32)
+    y = torch.randint(0, 10, (8,))
+    config = _config("train.grad_accum=2", "train.batch_size=8", "train.precision=bf16")
+    grads, counts = [], []
+    for reuse in (True, False):
+        torch.manual_seed(0)
+        model = visionmoe.create_model("vmoe_debug", dispatch="static", noise_std=0.0)
+        experts = [m for m in model.modules() if isinstance(m, Experts)]
+        shapes = {tuple(m.w1.shape) for m in experts} | {tuple(m.w2.shape) for m in experts}
+        if not reuse:
+            for m in experts:
+                m.cache_casts = False  # the cast on every forward, as before
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+        with WeightCasts(shapes) as casts:
+            train_step_device(model, optimizer, x, y, config)
+        counts.append(casts.count)
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+        assert all(m._cast_cache is None and not m._reuse_in_training for m in experts)
+    n_weights = 2 * len(experts)
+    assert counts == [n_weights, 2 * n_weights]
+    for name in grads[0]:
+        assert torch.equal(grads[0][name], grads[1][name]), name

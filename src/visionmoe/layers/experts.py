@@ -8,7 +8,9 @@ fixed-size buffers.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
@@ -49,6 +51,7 @@ class Experts(nn.Module):
         self.drop = nn.Dropout(dropout)
         self.cache_casts = True
         self._cast_cache: tuple | None = None
+        self._reuse_in_training = False  # set by reuse_weight_casts()
         self.reset_parameters(expert_init)
 
     def reset_parameters(self, expert_init: str = "shared") -> None:
@@ -73,14 +76,15 @@ class Experts(nn.Module):
         the cache when they change the mode. In training with grad enabled the weights are cast
         on every forward: an optimizer step changes them anyway, and fused optimizer kernels
         update parameters in place without bumping their version counters (torch 2.13), which
-        would leave a cached copy stale. The cached copy stays alive between calls (half the
-        bytes of the fp32 weights); ``cache_casts = False`` turns caching off. Under
-        ``torch.compile`` the cast is a plain ``.to`` that the compiler fuses.
+        would leave a cached copy stale; inside :func:`reuse_weight_casts` (the micro-batches of
+        one gradient-accumulation step) training reuses the cast too. The cached copy stays
+        alive between calls (half the bytes of the fp32 weights); ``cache_casts = False`` turns
+        caching off. Under ``torch.compile`` the cast is a plain ``.to`` that the compiler fuses.
         """
         params = (self.w1, self.b1, self.w2, self.b2)
         if dtype == self.w1.dtype:
             return params
-        training = self.training and torch.is_grad_enabled()
+        training = self.training and torch.is_grad_enabled() and not self._reuse_in_training
         if torch.compiler.is_compiling() or not self.cache_casts or training:
             return tuple(p.to(dtype) for p in params)
         key = (dtype, tuple((p.data_ptr(), p._version) for p in params))
@@ -122,6 +126,27 @@ class Experts(nn.Module):
                 h = self.drop(gelu(torch.addmm(b1s[e], chunk, w1s[e]), self.gelu_variant))
                 outs.append(torch.addmm(b2s[e], h, w2s[e]))
         return self.drop(torch.cat(outs)) if outs else x_ND.new_zeros(0, x_ND.shape[-1])
+
+
+@contextlib.contextmanager
+def reuse_weight_casts(model: nn.Module) -> Iterator[None]:
+    """Within the block, training forwards of ``model``'s experts reuse one low-precision cast of
+    their weights; on exit the casts are dropped.
+
+    For the micro-batches of one gradient-accumulation step: no optimizer step runs between them,
+    so the E x D x F x 2 weights are cast once per step instead of once per micro-batch.
+    Gradients are unchanged (the same bf16 values reach the GEMMs). Do not update the weights
+    inside the block.
+    """
+    experts = [m for m in model.modules() if isinstance(m, Experts)]
+    for m in experts:
+        m._reuse_in_training = True
+    try:
+        yield
+    finally:
+        for m in experts:
+            m._reuse_in_training = False
+            m._cast_cache = None
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:

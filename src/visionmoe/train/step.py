@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from visionmoe.layers.experts import reuse_weight_casts
 from visionmoe.runtime import autocast
 from visionmoe.train.config import ExperimentConfig
 
@@ -106,11 +107,22 @@ def train_step_device(
     model.train()
     accum = config.train.grad_accum
     optimizer.zero_grad(set_to_none=True)
-    sums: dict[str, Tensor] = {}
     micro = list(zip(x.chunk(accum), y.chunk(accum), strict=True))
+    casts = reuse_weight_casts(model) if accum > 1 else contextlib.nullcontext()
+    with casts:
+        metrics = _accumulate(model, micro, config, accum)
+    grad_norm = clip_fn(model, config.optim.grad_clip)
+    optimizer.step()
+    metrics["train/grad_norm"] = grad_norm.detach()
+    return metrics
+
+
+def _accumulate(model: nn.Module, micro: list, config: ExperimentConfig, accum: int) -> dict:
+    """Forward and backward of every micro-batch; returns the metrics averaged over them."""
+    sums: dict[str, Tensor] = {}
     for i, (x_micro, y_micro) in enumerate(micro):
         with gradient_sync(model, i == len(micro) - 1):
-            with autocast(x.device, config.train.precision):
+            with autocast(x_micro.device, config.train.precision):
                 logits, aux = model(x_micro, return_aux=True)
             task = classification_loss(
                 logits, y_micro, config.train.loss, config.train.label_smoothing
@@ -129,11 +141,7 @@ def train_step_device(
                 **aux.metric_tensors(),
             }
             add_metrics(sums, step_metrics)
-    grad_norm = clip_fn(model, config.optim.grad_clip)
-    optimizer.step()
-    metrics = {key: value / accum for key, value in sums.items()} if accum > 1 else sums
-    metrics["train/grad_norm"] = grad_norm.detach()
-    return metrics
+    return {key: value / accum for key, value in sums.items()} if accum > 1 else sums
 
 
 def train_step(
