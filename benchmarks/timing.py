@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from visionmoe.cpu_memory import keep_freed_memory
+from visionmoe.cpu_memory import keeping_freed_memory
 
 OPS = ("<=", ">=")
 
@@ -274,7 +274,7 @@ def env_info(threads: int) -> dict:
         "torch_num_threads": torch.get_num_threads(),
         "loadavg_start": load_average(),
         "thp_mem_alloc": os.environ.get("THP_MEM_ALLOC_ENABLE", ""),
-        "cpu_allocator": "keep freed memory" if keep_freed_memory() else "system default",
+        "cpu_allocator": "keep freed memory" if keeping_freed_memory() else "system default",
     }
 
 

@@ -54,6 +54,11 @@ def _libc_mallopt():
     return mallopt
 
 
+def keeping_freed_memory() -> bool:
+    """Whether :func:`keep_freed_memory` is in effect in this process (reads, changes nothing)."""
+    return bool(_applied)
+
+
 def keep_freed_memory() -> bool:
     """Make glibc reuse freed memory instead of unmapping it; once per process.
 

@@ -187,21 +187,12 @@ def broadcast_parameters(model: nn.Module, groups: ParallelGroups) -> None:
             dist.broadcast(p.data, src=src, group=groups.replica_group)
 
 
-def mean_over_ranks(metrics: dict[str, float], groups: ParallelGroups) -> dict[str, float]:
-    """Average scalar metrics over ranks (counts are summed). Every rank needs the same keys."""
-    if groups.world_size == 1:
-        return dict(metrics)
-    names = sorted(metrics)
-    values = torch.tensor([metrics[n] for n in names], dtype=torch.float64, device=groups.device)
-    reduced = mean_over_ranks_device(dict(zip(names, values.unbind(), strict=True)), groups)
-    return dict(zip(names, torch.stack([reduced[n] for n in names]).tolist(), strict=True))
-
-
-def mean_over_ranks_device(
+def mean_over_ranks(
     metrics: dict[str, torch.Tensor], groups: ParallelGroups
 ) -> dict[str, torch.Tensor]:
-    """:func:`mean_over_ranks` for 0-dim tensors on this rank's device: one all-reduce of them
-    stacked, nothing read back to the host. Every rank calls it with the same keys."""
+    """Average 0-dim metric tensors over ranks (counts are summed): one all-reduce of them
+    stacked, on this rank's device, nothing read back to the host. Every rank calls it with the
+    same keys."""
     if groups.world_size == 1:
         return dict(metrics)
     names = sorted(metrics)

@@ -37,7 +37,7 @@ from visionmoe.distributed.checkpoint import load_rng, read_layout, restore_shar
 from visionmoe.distributed.data_parallel import (
     broadcast_parameters,
     clip_grad_norm,
-    mean_over_ranks_device,
+    mean_over_ranks,
     reduce_expert_gradients,
     split_sharded_groups,
     unwrap,
@@ -150,12 +150,10 @@ def distributed_train_step(
 
 
 def _over_ranks(metrics: dict[str, torch.Tensor], groups: ParallelGroups) -> dict:
-    """Means over ranks on the device; the global gradient norm is kept as it is."""
-    grad_norm = metrics.pop("train/grad_norm", None)
-    out = mean_over_ranks_device(metrics, groups)
-    if grad_norm is not None:
-        out["train/grad_norm"] = grad_norm
-    return out
+    """Means over ranks on the device; the gradient norm, already global, is kept as it is."""
+    norm = "train/grad_norm"
+    out = mean_over_ranks({k: v for k, v in metrics.items() if k != norm}, groups)
+    return {**out, norm: metrics[norm]} if norm in metrics else out
 
 
 def _agree(value):

@@ -121,7 +121,8 @@ def _accumulate(model: nn.Module, micro: list, config: ExperimentConfig, accum: 
     """Forward and backward of every micro-batch; returns the metrics averaged over them."""
     sums: dict[str, Tensor] = {}
     for i, (x_micro, y_micro) in enumerate(micro):
-        with gradient_sync(model, i == len(micro) - 1):
+        last = i == len(micro) - 1
+        with gradient_sync(model, last) if len(micro) > 1 else contextlib.nullcontext():
             with autocast(x_micro.device, config.train.precision):
                 logits, aux = model(x_micro, return_aux=True)
             task = classification_loss(
