@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import visionmoe
-from visionmoe.models.config import MoEConfig, ViTConfig
+from tests.models.tiny_limoe import tiny_limoe_config
+from visionmoe.models.config import MoEConfig
 from visionmoe.models.limoe import LIMoE, TextConfig
 
 
@@ -73,19 +74,7 @@ def test_e3_last_aux_keeps_no_graph():
 
 def test_limoe_last_aux_keeps_no_graph():
     torch.manual_seed(0)
-    moe = MoEConfig(num_experts=4, top_k=1, group_images=None, batch_priority=True)
-    config = ViTConfig(
-        image_size=8,
-        patch_size=2,
-        in_chans=1,
-        num_classes=0,
-        hidden_size=16,
-        mlp_dim=32,
-        num_heads=2,
-        num_layers=2,
-        moe=moe,
-        moe_layers=(1,),
-    )
+    config = tiny_limoe_config(capacity_factor=MoEConfig().capacity_factor)
     model = LIMoE(config, TextConfig(vocab_size=64, max_len=8, embed_dim=8)).train()
     images, tokens = torch.randn(4, 1, 8, 8), torch.randint(1, 64, (4, 6))
     assert _graph_dies_with_outputs(lambda: model(images, tokens, return_aux=True))

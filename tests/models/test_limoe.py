@@ -6,8 +6,8 @@ from dataclasses import replace
 import pytest
 import torch
 
+from tests.models.tiny_limoe import tiny_limoe_config
 from visionmoe.data import text as text_data
-from visionmoe.models.config import MoEConfig, ViTConfig
 from visionmoe.models.limoe import PAD_ID, LIMoE, TextConfig
 from visionmoe.models.limoe_aux import contrastive_loss
 from visionmoe.routing.entropy import global_entropy_loss, local_entropy_loss
@@ -15,27 +15,10 @@ from visionmoe.routing.entropy import global_entropy_loss, local_entropy_loss
 B, LI, LT = 4, 16, 6  # 4 pairs, 16 patches per 8x8 image (patch 2), texts of 6 positions
 
 
-def _config(**moe) -> ViTConfig:
-    moe_config = MoEConfig(
-        num_experts=4, top_k=1, capacity_factor=1.0, group_images=None, batch_priority=True
-    )
-    return ViTConfig(
-        image_size=8,
-        patch_size=2,
-        in_chans=1,
-        num_classes=0,
-        hidden_size=16,
-        mlp_dim=32,
-        num_heads=2,
-        num_layers=2,
-        moe=replace(moe_config, **moe),
-        moe_layers=(1,),
-    )
-
-
 def _model(text: TextConfig | None = None, **moe) -> LIMoE:
     torch.manual_seed(0)
-    return LIMoE(_config(**moe), text or TextConfig(vocab_size=64, max_len=8, embed_dim=8))
+    text = text or TextConfig(vocab_size=64, max_len=8, embed_dim=8)
+    return LIMoE(tiny_limoe_config(**moe), text)
 
 
 def _inputs() -> tuple[torch.Tensor, torch.Tensor]:

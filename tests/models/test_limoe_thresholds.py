@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from visionmoe.models.config import MoEConfig, ViTConfig
+from tests.models.tiny_limoe import tiny_limoe_config
 from visionmoe.models.limoe import LIMoE, TextConfig
 
 
@@ -27,19 +27,7 @@ def test_each_modality_uses_its_own_entropy_threshold():
         tau_text=tau_text,
         keep_classic_losses=False,
     )
-    moe = MoEConfig(num_experts=E, top_k=1, capacity_factor=1.0, group_images=None)
-    config = ViTConfig(
-        image_size=8,
-        patch_size=2,
-        in_chans=1,
-        num_classes=0,
-        hidden_size=16,
-        mlp_dim=32,
-        num_heads=2,
-        num_layers=2,
-        moe=moe,
-        moe_layers=(1,),
-    )
+    config = tiny_limoe_config(num_experts=E, batch_priority=False)
     torch.manual_seed(0)
     model = LIMoE(config, text).eval()
     images, tokens = torch.randn(4, 1, 8, 8), torch.randint(1, 64, (4, 6))
