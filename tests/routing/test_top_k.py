@@ -1,8 +1,9 @@
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from visionmoe.routing import top_k_assign, top_k_dispatch
+from visionmoe.routing import ExpertChoiceRouter, TokenChoiceRouter, top_k_assign, top_k_dispatch
 
 GATES = torch.tensor([[[0.4, 0.0, 0.2], [0.5, 0.1, 0.4], [0.3, 0.2, 0.6]]])
 
@@ -137,3 +138,16 @@ def test_huge_capacity_drops_nothing_and_bpr_matches_vanilla():
     c_bpr, _ = top_k_dispatch(gates, 2, 40, batch_priority=True)
     assert torch.allclose(c_vanilla.sum(-1), c_bpr.sum(-1))  # slots may differ, weights do not
     assert torch.allclose(c_vanilla.sum((-1, -2)), torch.topk(gates, 2).values.sum(-1))
+
+
+@pytest.mark.parametrize(("k", "batch_priority"), [(1, False), (2, True), (3, False)])
+def test_plans_are_token_major_as_they_claim(k, batch_priority):
+    # The static dispatch combines a token-major plan with a reshape; the claim must hold, also
+    # for a partial last group (23 tokens in groups of 10) and under BPR's reordering.
+    torch.manual_seed(0)
+    router = TokenChoiceRouter(8, 4, k, 1.0, batch_priority=batch_priority)
+    plan, _ = router(torch.randn(23, 8), 10)
+    assert plan.token_major
+    assert torch.equal(plan.token_idx, torch.arange(23).repeat_interleave(k))
+    expert_choice, _ = ExpertChoiceRouter(8, 4, 1.0)(torch.randn(23, 8), 10)
+    assert not expert_choice.token_major

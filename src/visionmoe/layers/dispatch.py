@@ -3,9 +3,10 @@
 Shape legend: T tokens, D width, E experts, C slots per expert (all groups), A assignments,
 N kept assignments, G groups, S tokens per group.
 
-- ``static``: scatter token ids into fixed ``(E, C)`` buffers, gather rows, one batched matmul,
-  gather back with ``index_add_``. No ``.item()`` / ``nonzero``: shapes depend only on the config,
-  so it suits GPUs, CUDA graphs, ``torch.compile(fullgraph=True)`` and all-to-all exchange.
+- ``static``: copy rows into fixed ``(E, C)`` buffers, one batched matmul, copy back and combine.
+  No ``.item()`` / ``nonzero``: shapes depend only on the config, so it suits GPUs, CUDA graphs,
+  ``torch.compile(fullgraph=True)`` and all-to-all exchange. Token-choice plans (token-major)
+  take a form with no scatter-add in either pass; other plans gather and ``index_add_``.
 - ``compact``: keep only the kept assignments, sort them by expert and run one GEMM per expert on
   contiguous rows. Reading the per-expert counts syncs with the host, which costs nothing on CPU,
   and empty slots cost no FLOPs, so compute follows capacity.
@@ -62,14 +63,48 @@ def dispatch_static(x_TD: Tensor, plan: RoutingPlan, experts: Experts) -> Tensor
     buffer_A = plan.buffer_idx
     # Dropped assignments write to a spare row E*C that is never read.
     target_A = torch.where(plan.keep, buffer_A, torch.full_like(buffer_A, E * C))
+    x_low = x_TD.to(compute_dtype(x_TD))  # cast T rows once, before the gather copies them
+    if plan.token_major:
+        return _static_token_major(x_TD, x_low, plan, experts, target_A)
     # Empty slots point at a zero row appended after the T real tokens.
     row_of_slot = torch.full((E * C + 1,), T, dtype=torch.long, device=x_TD.device)
     row_of_slot = row_of_slot.scatter(0, target_A, plan.token_idx)[: E * C]
-    x_low = x_TD.to(compute_dtype(x_TD))  # cast T rows once, before the gather copies them
     x_padded = torch.cat([x_low, x_low.new_zeros(1, x_low.shape[-1])])
     out_ECD = experts(x_padded.index_select(0, row_of_slot).view(E, C, -1))
     out_AD = out_ECD.reshape(E * C, -1).index_select(0, buffer_A)
     return _combine(x_TD, out_AD, plan.weight, plan.token_idx, T)
+
+
+def _static_token_major(
+    x_TD: Tensor, x_low: Tensor, plan: RoutingPlan, experts: Experts, target_A: Tensor
+) -> Tensor:
+    """Static dispatch of K assignments per token, listed token by token: no scatter-add.
+
+    Kept assignments own distinct slots, so both directions are row copies into distinct rows
+    (``index_copy``, whose gradient is a gather) and the combine is a sum over each token's K
+    rows. Neither pass accumulates into shared rows: the backward is deterministic on GPUs (no
+    atomic adds) and compiles on CPU without atomic read-modify-write loops. Dropped assignments
+    go to a spare row past the slots and come back as zero rows; empty slots to a spare row past
+    the assignments.
+    """
+    E, C, T, K = plan.num_experts, plan.capacity, plan.num_tokens, plan.assignments_per_token
+    A, D = T * K, x_low.shape[-1]
+    target_TK = target_A.view(T, K)
+    slots = x_low.new_zeros(E * C + 1, D)
+    for k in range(K):  # K copies of T rows: the backward is K gathers, not a strided sum
+        slots.index_copy_(0, target_TK[:, k], x_low)
+    out_SD = experts(slots[: E * C].view(E, C, D)).reshape(E * C, D)
+    assignment_of_slot = torch.full((E * C + 1,), A, dtype=torch.long, device=x_TD.device)
+    assignment_of_slot = assignment_of_slot.scatter(
+        0, target_A, torch.arange(A, device=x_TD.device)
+    )[: E * C]
+    out_AD = out_SD.new_zeros(A + 1, D).index_copy(0, assignment_of_slot, out_SD)[:A]
+    weighted = out_AD.to(x_TD.dtype) * plan.weight.to(x_TD.dtype).unsqueeze(-1)
+    choices = weighted.view(T, K, D).unbind(1)  # adds, not a reduction over a strided axis
+    y_TD = choices[0]
+    for choice in choices[1:]:
+        y_TD = y_TD + choice
+    return y_TD
 
 
 def dispatch_compact(x_TD: Tensor, plan: RoutingPlan, experts: Experts) -> Tensor:

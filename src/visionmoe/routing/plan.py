@@ -70,6 +70,9 @@ class RoutingPlan:
       num_experts: E.
       capacity: slots per expert summed over groups (the static buffer length).
       assignments_per_token: K for token choice, 1 for expert choice (sets the compute baseline).
+      token_major: True when the assignments are listed token by token, K per token
+        (``token_idx == arange(T).repeat_interleave(K)``), as token-choice routers emit them; the
+        static dispatch then combines by a reshape and a sum instead of a scatter-add.
       aux_loss: scalar auxiliary loss (already weighted, mean over groups).
       metrics: detached routing statistics (see :func:`routing_metrics`).
     """
@@ -84,6 +87,7 @@ class RoutingPlan:
     capacity: int
     assignments_per_token: int
     aux_loss: Tensor
+    token_major: bool = False
     metrics: MutableMapping[str, Tensor] = field(default_factory=dict)
 
     def detached(self) -> RoutingPlan:
@@ -148,6 +152,7 @@ def concat_plans(parts: list[RoutingPlan]) -> RoutingPlan:
         num_experts=first.num_experts,
         capacity=slot_offset,
         assignments_per_token=first.assignments_per_token,
+        token_major=all(p.token_major for p in parts),
         aux_loss=first.aux_loss,  # replaced by the router, which knows the per-group values
     )
 

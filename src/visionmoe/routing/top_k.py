@@ -253,6 +253,7 @@ class TokenChoiceRouter(SparseRouter):
             capacity=G * capacity,
             assignments_per_token=k,
             aux_loss=logits_GSE.new_zeros(()),
+            token_major=True,
         )
         aux_G = logits_GSE.new_zeros(G)
         if self.importance_weight:
