@@ -24,38 +24,38 @@ from visionmoe.routing.plan import RoutingPlan
 DISPATCH_MODES = ("auto", "static", "compact")
 
 
-# float32 training on CPU: static above this fraction of filled slots, compact below.
-STATIC_MIN_FILL = 0.85
+# On CPU (eager): static when at least this fraction of the E*C slots is filled, else compact.
+STATIC_MIN_FILL = 0.85  # training (autograd on), float32 and bf16 autocast
+STATIC_MIN_FILL_INFERENCE = 0.9  # no autograd
 
 
 def resolve_dispatch(mode: str, x: Tensor, plan: RoutingPlan | None = None) -> str:
-    """The path ``auto`` takes: ``static`` unless float32 training on CPU leaves slots empty.
+    """The path ``auto`` takes: ``static`` unless, on CPU, the plan leaves many slots empty.
 
-    ``static`` runs on accelerators, under ``torch.compile`` (fixed shapes), in bf16 and without
-    autograd (inference): one batched matmul over the ``(E, C, D)`` buffers beats E GEMMs of
-    about T*K/E rows each there, even counting the empty slots. For float32 training on CPU,
-    ``auto`` counts the kept assignments of ``plan`` (a host sync, free on CPU): at least
-    :data:`STATIC_MIN_FILL` of the E*C slots filled (top-1 at cf 1.0) takes ``static``, fewer
-    (top-2 at cf 1.25 fills at most 80%) takes ``compact``, which computes no empty slot and
-    no gradient for one. Without a plan that case is ``compact``.
+    ``static`` runs on accelerators and under ``torch.compile`` (fixed shapes, no host sync).
+    On CPU in eager mode ``auto`` counts the kept assignments of ``plan`` (a host sync, free on
+    CPU) and takes ``static`` when they fill at least :data:`STATIC_MIN_FILL` of the E*C slots in
+    training (:data:`STATIC_MIN_FILL_INFERENCE` without autograd), else ``compact``, which
+    computes no empty slot. Filled buffers (top-1 at cf 1.0, BPR at cf <= 1, expert choice) run
+    one batched matmul; loose capacities (top-2 at cf 1.25 fills at most 80%, evaluation at
+    cf 2 or 4 at most 50% or 25%) run one GEMM per expert on the kept rows only. Without a plan
+    the CPU path is ``compact``.
 
-    Measured on 2 CPU cores (``python -m benchmarks.run --only layer``, MoE/dense fwd+bwd):
-    bf16 static 1.03-1.77 vs compact 1.42-2.0 (E in {8, 32}, K in {1, 2}); fp32 top-1 static
-    1.09-1.54 vs compact 1.21-1.61 (better in 5 of 6 runs); fp32 top-2 compact 0.93-1.30 vs
-    static 1.25-1.46 (better in 6 of 6). BPR inference, E=32: static 61 / 103 ms at cf 0.5 / 1.0
-    vs compact 75 / 120 ms.
+    Measured on 2 CPU cores, E in {8, 32}, top-2, static / compact time: inference, fp32 and
+    bf16, 0.95-1.01 at 94-98% filled, 1.01-1.11 at 84-86%, 1.06-1.19 at 79%, 1.7-1.9 at 50%
+    and 3.3-3.6 at 25%; bf16 training 0.77-0.94 at 94-98%, 0.90-0.97 at 84-86%, 1.11-1.20 at
+    79%, 1.6-1.7 at 50%. fp32 training (``python -m benchmarks.run --only layer``): top-1 at
+    cf 1.0 static better in 5 of 6 runs, top-2 at cf 1.25 compact better in 6 of 6.
     """
     if mode != "auto":
         return mode
     if x.device.type != "cpu" or torch.compiler.is_compiling():
         return "static"
-    if compute_dtype(x) == torch.bfloat16 or not torch.is_grad_enabled():
-        return "static"
     if plan is None:
         return "compact"
-    slots = plan.num_experts * plan.capacity
+    threshold = STATIC_MIN_FILL if torch.is_grad_enabled() else STATIC_MIN_FILL_INFERENCE
     kept = int(plan.keep.sum())
-    return "static" if kept >= STATIC_MIN_FILL * slots else "compact"
+    return "static" if kept >= threshold * plan.num_experts * plan.capacity else "compact"
 
 
 def dispatch_static(x_TD: Tensor, plan: RoutingPlan, experts: Experts) -> Tensor:
