@@ -25,7 +25,8 @@ DISPATCH_MODES = ("auto", "static", "compact")
 
 
 # On CPU (eager): static when at least this fraction of the E*C slots is filled, else compact.
-STATIC_MIN_FILL = 0.85  # training (autograd on), float32 and bf16 autocast
+STATIC_MIN_FILL = 0.85  # float32 training
+STATIC_MIN_FILL_BF16 = 0.75  # bf16 training (autocast)
 STATIC_MIN_FILL_INFERENCE = 0.9  # no autograd
 
 
@@ -35,17 +36,20 @@ def resolve_dispatch(mode: str, x: Tensor, plan: RoutingPlan | None = None) -> s
     ``static`` runs on accelerators and under ``torch.compile`` (fixed shapes, no host sync).
     On CPU in eager mode ``auto`` counts the kept assignments of ``plan`` (a host sync, free on
     CPU) and takes ``static`` when they fill at least :data:`STATIC_MIN_FILL` of the E*C slots in
-    training (:data:`STATIC_MIN_FILL_INFERENCE` without autograd), else ``compact``, which
-    computes no empty slot. Filled buffers (top-1 at cf 1.0, BPR at cf <= 1, expert choice) run
-    one batched matmul; loose capacities (top-2 at cf 1.25 fills at most 80%, evaluation at
-    cf 2 or 4 at most 50% or 25%) run one GEMM per expert on the kept rows only. Without a plan
-    the CPU path is ``compact``.
+    float32 training (:data:`STATIC_MIN_FILL_BF16` in bf16 training,
+    :data:`STATIC_MIN_FILL_INFERENCE` without autograd), else ``compact``, which computes no empty
+    slot. Filled buffers (top-1 at cf 1.0, BPR at cf <= 1, expert choice) run one batched
+    matmul; loose capacities (evaluation at cf 2 or 4 fills at most 50% or 25%) run one GEMM per
+    expert on the kept rows only. Without a plan the CPU path is ``compact``.
 
     Measured on 2 CPU cores, E in {8, 32}, top-2, static / compact time: inference, fp32 and
     bf16, 0.95-1.01 at 94-98% filled, 1.01-1.11 at 84-86%, 1.06-1.19 at 79%, 1.7-1.9 at 50%
-    and 3.3-3.6 at 25%; bf16 training 0.77-0.94 at 94-98%, 0.90-0.97 at 84-86%, 1.11-1.20 at
-    79%, 1.6-1.7 at 50%. fp32 training (``python -m benchmarks.run --only layer``): top-1 at
-    cf 1.0 static better in 5 of 6 runs, top-2 at cf 1.25 compact better in 6 of 6.
+    and 3.3-3.6 at 25%; bf16 training 0.77-0.94 at 94-98%, 0.90-0.97 at 84-86%, 1.22-1.36 at
+    67-74%, 1.6-1.7 at 50%. At 79% filled bf16 training is split: 1.11-1.20 in that sweep, but
+    static was ahead in the layer benchmark (top-2 cf 1.25: 0.82-0.93 of compact at E = 32, even
+    at E = 8), so it stays static there. fp32 training (``python -m benchmarks.run --only
+    layer``): top-1 at cf 1.0 static better in 5 of 6 runs, top-2 at cf 1.25 compact better in
+    6 of 6.
     """
     if mode != "auto":
         return mode
@@ -53,7 +57,12 @@ def resolve_dispatch(mode: str, x: Tensor, plan: RoutingPlan | None = None) -> s
         return "static"
     if plan is None:
         return "compact"
-    threshold = STATIC_MIN_FILL if torch.is_grad_enabled() else STATIC_MIN_FILL_INFERENCE
+    if not torch.is_grad_enabled():
+        threshold = STATIC_MIN_FILL_INFERENCE
+    elif compute_dtype(x) == torch.bfloat16:
+        threshold = STATIC_MIN_FILL_BF16
+    else:
+        threshold = STATIC_MIN_FILL
     kept = int(plan.keep.sum())
     return "static" if kept >= threshold * plan.num_experts * plan.capacity else "compact"
 
