@@ -93,9 +93,8 @@ def _static_token_major(
     (``index_copy``, whose gradient is a gather) and the combine is a sum over each token's K
     rows. Neither pass accumulates into shared rows, so neither needs atomic adds on a GPU, and
     compiled CPU code has no atomic read-modify-write loops (which made the compiled layer slower
-    than eager with ``index_add_``). Dropped assignments
-    go to a spare row past the slots and come back as zero rows; empty slots to a spare row past
-    the assignments.
+    than eager with ``index_add_``). Dropped assignments go to a spare row past the slots and
+    come back as zero rows; empty slots go to a spare row past the assignments.
     """
     E, C, T, K = plan.num_experts, plan.capacity, plan.num_tokens, plan.assignments_per_token
     A, D = T * K, x_low.shape[-1]
