@@ -110,15 +110,16 @@ def train_step_device(
     micro = list(zip(x.chunk(accum), y.chunk(accum), strict=True))
     casts = reuse_weight_casts(model) if accum > 1 else contextlib.nullcontext()
     with casts:
-        metrics = _accumulate(model, micro, config, accum)
+        metrics = _accumulate(model, micro, config)
     grad_norm = clip_fn(model, config.optim.grad_clip)
     optimizer.step()
     metrics["train/grad_norm"] = grad_norm.detach()
     return metrics
 
 
-def _accumulate(model: nn.Module, micro: list, config: ExperimentConfig, accum: int) -> dict:
+def _accumulate(model: nn.Module, micro: list, config: ExperimentConfig) -> dict:
     """Forward and backward of every micro-batch; returns the metrics averaged over them."""
+    accum = len(micro)
     sums: dict[str, Tensor] = {}
     for i, (x_micro, y_micro) in enumerate(micro):
         last = i == len(micro) - 1
