@@ -7,8 +7,8 @@ that config: every MoE block becomes a dense MLP with ``K * F`` hidden units (a 
 K experts of width F costs the same FLOPs); everything else (attention, embeddings, head) is
 identical, so the ratio isolates what routing and dispatch cost inside a real network. Both run
 in every precision of ``cfg.precisions`` (fp32, bf16 autocast). Inference uses the eval capacity
-factor, training the training one; a training step is forward, backward and AdamW, so under
-autocast it includes casting the updated expert weights once per step.
+factor, training the training one; a training step is forward, backward, gradient clipping and
+AdamW, so under autocast it includes casting the updated expert weights once per step.
 """
 
 from __future__ import annotations
@@ -31,10 +31,12 @@ from benchmarks.timing import (
 from visionmoe.models import dense_twin
 from visionmoe.train.config import OptimConfig
 from visionmoe.train.optim import build_optimizer
+from visionmoe.train.step import clip_local
 
 INFER_TARGET = 0.9
 TRAIN_TARGET = 0.9
 LR = 1e-4
+GRAD_CLIP = OptimConfig().grad_clip  # the clipping `visionmoe train` applies by default
 
 
 def build_models(cfg: BenchConfig) -> tuple[dict[str, nn.Module], object]:
@@ -51,14 +53,18 @@ def build_models(cfg: BenchConfig) -> tuple[dict[str, nn.Module], object]:
     return {"moe": moe, "dense": dense}, config
 
 
-def train_step(model: nn.Module, opt, images, labels, prec: str) -> None:
-    """One step of ``visionmoe train``: forward (autocast for bf16), backward, optimizer."""
+def train_step(
+    model: nn.Module, opt, images, labels, prec: str, max_norm: float | None = GRAD_CLIP
+) -> None:
+    """One step of ``visionmoe train``: forward (autocast for bf16), backward, global-norm
+    gradient clipping (``clip_local``, as ``visionmoe train`` runs it) and the optimizer update."""
     model.train()
     with precision(prec):
         logits, aux = model(images, return_aux=True)
         loss = F.cross_entropy(logits.float(), labels) + aux.loss
     opt.zero_grad(set_to_none=True)
     loss.backward()
+    clip_local(model, max_norm)
     opt.step()
 
 
