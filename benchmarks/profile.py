@@ -8,7 +8,8 @@ precision of ``cfg.precisions``. Self time of every aten op is summed into bucke
 - ``gemm``: mm / bmm / baddbmm / addmm / grouped_mm (experts, dense MLPs, attention projections);
 - ``casts``: ``copy_`` / ``_to_copy`` (under autocast mostly the per-step fp32 -> bf16 weight
   casts and bf16 -> fp32 weight-gradient casts, whose size is E/K times the dense layer's);
-- ``optimizer``: fused or foreach AdamW kernels;
+- ``optimizer``: fused or foreach AdamW kernels and the for-each kernels of gradient clipping
+  (norms, rescale);
 - ``attention``, ``gelu``, ``norm``;
 - ``routing``: top-k, sort, softmax, scatter/gather and index ops of routing and dispatch;
 - ``other``.
