@@ -138,7 +138,7 @@ def run_model(cfg: BenchConfig) -> dict:
             timing_ratio(
                 f"model.train.{prec}",
                 "model",
-                f"Training step images/s, MoE / dense twin (fwd+bwd+AdamW), {label}",
+                f"Training step images/s, MoE / dense twin (fwd+bwd+clip+AdamW), {label}",
                 train_s["dense"],
                 train_s["moe"],
                 ">=",

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from benchmarks.bounds import run_bounds
 from benchmarks.compile import run_compile
 from benchmarks.layer import run_bpr, run_gemm, run_layer
 from benchmarks.memory import run_memory
@@ -47,6 +48,7 @@ FAMILIES: dict[str, Callable[[BenchConfig], dict]] = {
     "model": run_model,
     "compile": run_compile,
     "profile": run_profile,
+    "bounds": run_bounds,
 }
 DEFAULT_OUT = Path("benchmarks/results")
 

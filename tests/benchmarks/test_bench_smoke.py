@@ -16,7 +16,7 @@ import torch
 from benchmarks import report, run, timing, update_readme
 from benchmarks.timing import BenchConfig
 
-NO_PEERS = ["layer", "bpr", "gemm", "memory", "model", "compile"]
+NO_PEERS = ["layer", "bpr", "gemm", "memory", "model", "compile", "bounds"]
 
 
 def tiny_config() -> BenchConfig:
