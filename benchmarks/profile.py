@@ -147,8 +147,8 @@ def run_profile(cfg: BenchConfig) -> dict:
     optimizers = {k: build_optimizer(m, OptimConfig(lr=1e-4)) for k, m in models.items()}
     for prec in cfg.precisions:
         results[f"model_train_{prec}"] = {
-            "what": f"{cfg.model_name} training step (fwd+bwd+AdamW), batch {cfg.model_batch}, "
-            "vs dense twin",
+            "what": f"{cfg.model_name} training step (fwd+bwd+clip+AdamW), "
+            f"batch {cfg.model_batch}, vs dense twin",
             "steps": steps,
             "param_bytes_fp32": {
                 k: sum(p.numel() for p in m.parameters()) * 4 for k, m in models.items()

@@ -8,7 +8,7 @@ accuracy at the upcycling point and after the extra steps as JSON and a markdown
 
 Run manually (about 3-5 minutes on 2 CPU cores; not part of the test suite)::
 
-    python benchmarks/upcycle_digits.py --out runs/upcycle_digits
+    python -m benchmarks.upcycle_digits --out runs/upcycle_digits
 """
 
 from __future__ import annotations
