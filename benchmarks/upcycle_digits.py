@@ -6,7 +6,7 @@ Protocol (spec section 6.2, at toy scale): train the ``digits_vit`` recipe for `
 upcycled from it (every other block's MLP copied into E=8 experts, fresh router). Reports test
 accuracy at the upcycling point and after the extra steps as JSON and a markdown table.
 
-Run manually (about 3-5 minutes on 2 CPU cores; not part of the test suite)::
+Run manually (about 70 seconds on 2 idle CPU cores; not part of the test suite)::
 
     python -m benchmarks.upcycle_digits --out runs/upcycle_digits
 """
