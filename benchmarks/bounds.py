@@ -25,7 +25,14 @@ from torch import Tensor
 
 from benchmarks.layer import dense_train_fn, make_dense, make_input
 from benchmarks.model import GRAD_CLIP, LR, build_models, train_step
-from benchmarks.timing import BenchConfig, compare, paired_ratio, ratio_record, summarize
+from benchmarks.timing import (
+    PRECISION_LABEL,
+    BenchConfig,
+    compare,
+    paired_ratio,
+    ratio_record,
+    summarize,
+)
 from visionmoe.layers.experts import Experts
 from visionmoe.train.config import OptimConfig
 from visionmoe.train.optim import build_optimizer
@@ -56,10 +63,8 @@ def expert_weights(model: torch.nn.Module) -> list[Tensor]:
 
 def _row(rid: str, metric: str, numerator: list[float], denominator: list[float], note: str):
     r = paired_ratio(numerator, denominator)
-    return ratio_record(
-        rid, "bounds", metric, r["value"], None, None, lo=r["lo"], hi=r["hi"], method=METHOD,
-        note=note,
-    )  # fmt: skip
+    kwargs = {"lo": r["lo"], "hi": r["hi"], "method": METHOD, "note": note}
+    return ratio_record(rid, "bounds", metric, r["value"], None, None, **kwargs)
 
 
 def layer_floors(cfg: BenchConfig) -> tuple[dict, list[dict]]:
@@ -132,13 +137,12 @@ def model_ceilings(cfg: BenchConfig) -> tuple[dict, list[dict]]:
         if prec == "bfloat16":
             extra = [e + c for e, c in zip(extra, s["casts"], strict=True)]
         ceiling = [d + e for d, e in zip(s["dense_step"], extra, strict=True)]
-        label = "fp32" if prec == "float32" else "bf16 autocast"
         casts_note = " + expert-weight casts" if prec == "bfloat16" else ""
         rows.append(
             _row(
                 f"bounds.model.{prec}",
                 f"Ceiling of training-step images/s MoE / dense twin from clip + AdamW over all "
-                f"parameters{casts_note}, {label}",
+                f"parameters{casts_note}, {PRECISION_LABEL[prec]}",
                 s["dense_step"],
                 ceiling,
                 f"{cfg.model_name} {cfg.model_overrides}, batch {batch}",
