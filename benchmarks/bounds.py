@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from benchmarks.layer import dense_train_fn, make_dense, make_input
-from benchmarks.model import GRAD_CLIP, LR, build_models, train_step
+from benchmarks.model import GRAD_CLIP, LR, build_models, make_batch, train_step
 from benchmarks.timing import (
     PRECISION_LABEL,
     BenchConfig,
@@ -102,13 +102,12 @@ def layer_floors(cfg: BenchConfig) -> tuple[dict, list[dict]]:
 
 def model_ceilings(cfg: BenchConfig) -> tuple[dict, list[dict]]:
     models, config = build_models(cfg)
-    torch.manual_seed(cfg.seed)
-    batch = cfg.model_batch
-    images = torch.randn(batch, config.in_chans, config.image_size, config.image_size)
-    labels = torch.randint(0, max(config.num_classes, 1), (batch,))
+    images, labels = make_batch(cfg, config)
     optimizers = {k: build_optimizer(m, OptimConfig(lr=LR)) for k, m in models.items()}
 
-    for model in models.values():  # small enough that clipping scales by 1 (it still runs)
+    # Gradients small enough that clipping scales the MoE's by 1 (it still runs); the dense
+    # twin's come from its training step, which runs between its updates.
+    for model in models.values():
         for p in model.parameters():
             p.grad = torch.full_like(p, 1e-5)
 
@@ -145,7 +144,7 @@ def model_ceilings(cfg: BenchConfig) -> tuple[dict, list[dict]]:
                 f"parameters{casts_note}, {PRECISION_LABEL[prec]}",
                 s["dense_step"],
                 ceiling,
-                f"{cfg.model_name} {cfg.model_overrides}, batch {batch}",
+                f"{cfg.model_name} {cfg.model_overrides}, batch {cfg.model_batch}",
             )
         )
     return results, rows

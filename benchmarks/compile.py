@@ -21,7 +21,7 @@ from functools import partial
 import torch
 
 from benchmarks.layer import make_input, make_moe, moe_train_fn
-from benchmarks.model import LR, build_models, train_step
+from benchmarks.model import LR, build_models, make_batch, train_step
 from benchmarks.timing import (
     PRECISION_LABEL,
     BenchConfig,
@@ -95,9 +95,7 @@ def run_compile_model(cfg: BenchConfig) -> dict:
     eager = build_models(cfg)[0]["moe"]
     config = eager.config
     batch = cfg.model_batch
-    torch.manual_seed(cfg.seed)
-    images = torch.randn(batch, config.in_chans, config.image_size, config.image_size)
-    labels = torch.randint(0, max(config.num_classes, 1), (batch,))
+    images, labels = make_batch(cfg, config)
     results, ratios, errors = {}, [], {}
     for prec in cfg.precisions:
         rid = f"compile.model.{prec}"

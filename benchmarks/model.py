@@ -53,6 +53,14 @@ def build_models(cfg: BenchConfig) -> tuple[dict[str, nn.Module], object]:
     return {"moe": moe, "dense": dense}, config
 
 
+def make_batch(cfg: BenchConfig, config) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cfg.model_batch`` random images and labels for ``config``, drawn from ``cfg.seed``."""
+    torch.manual_seed(cfg.seed)
+    batch = cfg.model_batch
+    images = torch.randn(batch, config.in_chans, config.image_size, config.image_size)
+    return images, torch.randint(0, max(config.num_classes, 1), (batch,))
+
+
 def train_step(
     model: nn.Module, opt, images, labels, prec: str, max_norm: float | None = GRAD_CLIP
 ) -> None:
@@ -72,9 +80,7 @@ def run_model(cfg: BenchConfig) -> dict:
     """Images/s of the MoE model over its dense twin: inference and one AdamW training step."""
     models, config = build_models(cfg)
     batch = cfg.model_batch
-    torch.manual_seed(cfg.seed)
-    images = torch.randn(batch, config.in_chans, config.image_size, config.image_size)
-    labels = torch.randint(0, max(config.num_classes, 1), (batch,))
+    images, labels = make_batch(cfg, config)
     # The optimizer `visionmoe train` builds: AdamW, fused where the parameters allow it.
     optim = OptimConfig(lr=LR)
     optimizers = {k: build_optimizer(m, optim) for k, m in models.items()}

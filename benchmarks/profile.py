@@ -31,7 +31,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.layer import make_dense, make_input, make_moe
-from benchmarks.model import build_models, train_step
+from benchmarks.model import build_models, make_batch, train_step
 from benchmarks.timing import BenchConfig, precision, zero_grads
 from visionmoe.train.config import OptimConfig
 from visionmoe.train.optim import build_optimizer
@@ -141,9 +141,7 @@ def run_profile(cfg: BenchConfig) -> dict:
             },
         }
     models, config = build_models(cfg)
-    torch.manual_seed(cfg.seed)
-    images = torch.randn(cfg.model_batch, config.in_chans, config.image_size, config.image_size)
-    labels = torch.randint(0, max(config.num_classes, 1), (cfg.model_batch,))
+    images, labels = make_batch(cfg, config)
     optimizers = {k: build_optimizer(m, OptimConfig(lr=1e-4)) for k, m in models.items()}
     for prec in cfg.precisions:
         results[f"model_train_{prec}"] = {
